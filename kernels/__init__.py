@@ -1,0 +1,11 @@
+"""Triton kernels that move and transform KV-cache bytes. Dimension letters, used everywhere:
+
+L layers, N tokens, NB paged blocks, BS block size (tokens per block), H kv heads, D head dim,
+2 the K/V pair. A slot is one token's place in the paged cache: slot = block_id * BS + offset.
+"""
+
+from .errors import KVLayoutError
+from .layout import KVLayout
+from .paged_kv import gather_kv, gather_kv_ref, scatter_kv, scatter_kv_ref
+
+__all__ = ["KVLayout", "KVLayoutError", "gather_kv", "gather_kv_ref", "scatter_kv", "scatter_kv_ref"]

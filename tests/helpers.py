@@ -1,0 +1,38 @@
+"""Assertions shared by the tests: they print where two tensors first differ."""
+
+import torch
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements reinterpreted as same-size integers (NaN payloads and -0.0 compare as bits)."""
+    return t.contiguous().view(_SAME_SIZE_INT[t.element_size()])
+
+
+def assert_bytes_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = as_bytes(actual).cpu(), as_bytes(expected).cpu()
+    if torch.equal(a, e):
+        return
+    bad = (a != e).nonzero()
+    first = [tuple(i.tolist()) for i in bad[:5]]
+    raise AssertionError(
+        f"{what}: {bad.shape[0]} of {a.numel()} elements differ; first at {first}: "
+        f"actual {[actual[i].item() for i in first]} expected {[expected[i].item() for i in first]}"
+    )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "tensor"):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.float().cpu(), expected.float().cpu()
+    bad = ((a - e).abs() > atol + rtol * e.abs()) | (a.isnan() != e.isnan())
+    if not bad.any():
+        return
+    idx = bad.nonzero()
+    first = [tuple(i.tolist()) for i in idx[:5]]
+    raise AssertionError(
+        f"{what}: {idx.shape[0]} of {a.numel()} elements outside atol={atol} rtol={rtol}; first at {first}: "
+        f"actual {[a[i].item() for i in first]} expected {[e[i].item() for i in first]}"
+    )
