@@ -248,11 +248,11 @@ def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
     width = _row_width(pk)
     pad = slots < 0
     index = _row_index(pk, slots.clamp(min=0), width)
-    flat = out.view(_INT_OF_SIZE[out.element_size()]).view(pk.num_layers, -1, width)
-    for layer, dst in zip(pk.layers, flat):
+    out_ints = out.view(_INT_OF_SIZE[out.element_size()])
+    for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
         torch.index_select(_rows(layer, width), 0, index, out=dst)
     if pad.any():
-        out[:, :, pad] = 0
+        out_ints[:, :, pad] = 0
 
 
 def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> None:
