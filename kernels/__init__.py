@@ -7,5 +7,9 @@ L layers, N tokens, NB paged blocks, BS block size (tokens per block), H kv head
 from .errors import KVLayoutError
 from .layout import KVLayout
 from .paged_kv import gather_kv, gather_kv_ref, scatter_kv, scatter_kv_ref
+from .rope import rope_inv_freq, rope_shift, rope_shift_ref
 
-__all__ = ["KVLayout", "KVLayoutError", "gather_kv", "gather_kv_ref", "scatter_kv", "scatter_kv_ref"]
+__all__ = [
+    "KVLayout", "KVLayoutError", "gather_kv", "gather_kv_ref", "scatter_kv", "scatter_kv_ref",
+    "rope_inv_freq", "rope_shift", "rope_shift_ref",
+]

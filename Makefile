@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: demo test bench-kernels clean
+
+# torch 2.13.0 (CPU build) lies on this machine's disk; asked for first and by version so pip never
+# resolves a multi-GB CUDA build. On a GPU machine install your CUDA torch instead (README).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.9.0"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m bench.kernels --quick
+
+test: $(STAMP)
+	bash scripts/ensure_redis.sh $(VENV)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+bench-kernels: $(STAMP)
+	$(BIN)/python -m bench.kernels --output results/kernels.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis results
