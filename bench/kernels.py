@@ -1,0 +1,148 @@
+"""`python -m bench.kernels`: gather/scatter bandwidth beside a plain copy and a naive loop, same run.
+
+GB/s counts bytes read plus bytes written (2x the staging bytes). Baselines measured in the same run:
+- `copy`: one contiguous `copy_` of the same bytes (the roofline for a byte mover);
+- `naive`: a per-layer loop of advanced indexing (`cache[:, blocks, offsets]`), what one writes first;
+- `lmcache`: LMCache's `multi_layer_kv_transfer` when `lmcache` is importable (skipped with the reason otherwise).
+"""
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bench.common import Report, measure, print_table
+from kernels import KVLayout, gather_kv, scatter_kv
+
+
+@dataclass(frozen=True)
+class Config:
+    layers: int = 32
+    heads: int = 8
+    head_dim: int = 128
+    tokens: int = 256  # one chunk
+    cache_tokens: int = 8192  # slots in the paged cache the chunk is drawn from
+    block_sizes: tuple[int, ...] = (16, 128)
+    layouts: tuple[str, ...] = ("flash_attn", "flash_attn_hnd", "vllm_cpu")
+    orders: tuple[str, ...] = ("contiguous", "shuffled")
+    dtype: str = "bfloat16"
+    repeats: int = 20
+    device: str = "auto"
+    output: str | None = None
+
+
+def _caches(layout: KVLayout, cfg: Config, block_size: int, dtype, device):
+    sizes = {"2": 2, "NB": cfg.cache_tokens // block_size, "BS": block_size, "H": cfg.heads, "D": cfg.head_dim}
+    shape = [sizes[d] for d in layout.dims]
+    return [torch.randn(shape, device=device).to(dtype) for _ in range(cfg.layers)]
+
+
+def _slots(cfg: Config, block_size: int, order: str, device) -> torch.Tensor:
+    if order == "contiguous":  # one request's blocks, in order, from the middle of the cache
+        start = (cfg.cache_tokens // 2) // block_size * block_size
+        return torch.arange(start, start + cfg.tokens, device=device)
+    blocks = torch.randperm(cfg.cache_tokens // block_size, device=device)[: -(-cfg.tokens // block_size)]
+    slots = (blocks[:, None] * block_size + torch.arange(block_size, device=device)).reshape(-1)[: cfg.tokens]
+    return slots[torch.randperm(cfg.tokens, device=device)]
+
+
+def _naive_gather(caches, slots, layout, out):
+    """Per-layer advanced indexing through the canonical [KV, NB, BS, H, D] view."""
+    bs = layout.canonical(caches[0]).shape[2]
+    blocks, offsets = slots // bs, slots % bs
+    for layer, cache in enumerate(caches):
+        out[layer] = layout.canonical(cache)[:, blocks, offsets]
+
+
+def _naive_scatter(staging, caches, slots, layout):
+    bs = layout.canonical(caches[0]).shape[2]
+    blocks, offsets = slots // bs, slots % bs
+    for layer, cache in enumerate(caches):
+        layout.canonical(cache)[:, blocks, offsets] = staging[layer]
+
+
+def _lmcache_status() -> str | None:
+    """None when LMCache's transfer kernel can run here, else why not."""
+    try:
+        from lmcache import c_ops  # noqa: F401
+    except Exception as e:  # any import failure means: not runnable here
+        return f"lmcache not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def run(cfg: Config) -> Report:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = getattr(torch, cfg.dtype)
+    report = Report("kernels", asdict(cfg))
+    lmcache_skip = _lmcache_status()
+    if lmcache_skip:
+        report.notes.append(f"lmcache baseline skipped: {lmcache_skip}")
+    for name in cfg.layouts:
+        layout = KVLayout.from_name(name)
+        for block_size in cfg.block_sizes:
+            caches = _caches(layout, cfg, block_size, dtype, device)
+            for order in cfg.orders:
+                slots = _slots(cfg, block_size, order, device)
+                staging = gather_kv(caches, slots, layout)
+                moved = 2 * staging.numel() * staging.element_size()  # read + write
+                flat_src = torch.empty_like(staging)
+                results = {
+                    "copy": measure(lambda: staging.copy_(flat_src), repeats=cfg.repeats, device=device),
+                    "gather": measure(lambda: gather_kv(caches, slots, layout, out=staging, validate=False),
+                                      repeats=cfg.repeats, device=device),
+                    "scatter": measure(lambda: scatter_kv(staging, caches, slots, layout, validate=False),
+                                       repeats=cfg.repeats, device=device),
+                    "naive_gather": measure(lambda: _naive_gather(caches, slots, layout, staging),
+                                            repeats=cfg.repeats, device=device),
+                    "naive_scatter": measure(lambda: _naive_scatter(staging, caches, slots, layout),
+                                             repeats=cfg.repeats, device=device),
+                }
+                gbps = {k: t.rate(moved) / 1e9 for k, t in results.items()}
+                report.rows.append({
+                    "layout": name, "block_size": block_size, "order": order, "MB_moved": moved / 1e6,
+                    **{f"{k}_GBps": v for k, v in gbps.items()},
+                    "gather_vs_copy": gbps["gather"] / gbps["copy"],
+                    "scatter_vs_copy": gbps["scatter"] / gbps["copy"],
+                    "gather_vs_naive": gbps["gather"] / gbps["naive_gather"],
+                    "scatter_vs_naive": gbps["scatter"] / gbps["naive_scatter"],
+                    "timings": {k: asdict(t) for k, t in results.items()},
+                })
+            del caches
+    return report
+
+
+def main(argv=None) -> Report:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Config()
+    p.add_argument("--layers", type=int, default=defaults.layers)
+    p.add_argument("--heads", type=int, default=defaults.heads)
+    p.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    p.add_argument("--tokens", type=int, default=defaults.tokens)
+    p.add_argument("--cache-tokens", type=int, default=defaults.cache_tokens)
+    p.add_argument("--block-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=defaults.block_sizes)
+    p.add_argument("--layouts", type=lambda s: tuple(s.split(",")), default=defaults.layouts)
+    p.add_argument("--orders", type=lambda s: tuple(s.split(",")), default=defaults.orders)
+    p.add_argument("--dtype", default=defaults.dtype)
+    p.add_argument("--repeats", type=int, default=defaults.repeats)
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--quick", action="store_true", help="8 layers, 10 repeats: a smoke run in seconds")
+    p.add_argument("--output", default=None, help="write the JSON report here")
+    args = vars(p.parse_args(argv))
+    if args.pop("quick"):
+        args.update(layers=8, repeats=10)
+    cfg = Config(**args)
+    report = run(cfg)
+    print(json.dumps(report.machine))
+    print_table(report.rows, ["layout", "block_size", "order", "MB_moved", "copy_GBps", "gather_GBps",
+                              "scatter_GBps", "naive_gather_GBps", "naive_scatter_GBps", "gather_vs_copy",
+                              "scatter_vs_copy", "gather_vs_naive", "scatter_vs_naive"])
+    for note in report.notes:
+        print(note)
+    report.write(cfg.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()
