@@ -4,12 +4,15 @@ L layers, N tokens, NB paged blocks, BS block size (tokens per block), H kv head
 2 the K/V pair. A slot is one token's place in the paged cache: slot = block_id * BS + offset.
 """
 
+from .checksum import kv_checksum, kv_checksum_ref
+from .chunk_hash import ChunkHasher, chunk_hashes
 from .errors import KVLayoutError
 from .layout import KVLayout
 from .paged_kv import gather_kv, gather_kv_ref, scatter_kv, scatter_kv_ref
 from .rope import rope_inv_freq, rope_shift, rope_shift_ref
 
 __all__ = [
+    "ChunkHasher", "chunk_hashes", "kv_checksum", "kv_checksum_ref",
     "KVLayout", "KVLayoutError", "gather_kv", "gather_kv_ref", "scatter_kv", "scatter_kv_ref",
     "rope_inv_freq", "rope_shift", "rope_shift_ref",
 ]
