@@ -1,0 +1,248 @@
+"""CacheEngine: the public face of the tiered KV cache. Engine-agnostic: token ids in, staging KV out.
+
+Tokens are cut into chunks of `chunk_size`; only full chunks are stored. A chunk's key is its hash
+(`kernels.chunk_hashes`: prefix mode chains over everything before it, segment mode covers its own tokens)
+salted with `cache_salt` and the call's namespace, plus the KV spec's fingerprint. `lookup` answers how many
+leading tokens are available in any tier; `retrieve` copies them out of the fastest tier holding each chunk.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels import chunk_hashes
+
+from .config import CacheConfig
+from .errors import LockTimeoutError
+from .hierarchy import TierStack
+from .keys import ChunkKey, KVSpec
+from .singleflight import ChainedLocks, LocalLocks
+from .tiers.memory import ArenaAllocator, MemoryTier, TensorAllocator
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.005  # wait loop for another owner's chunk: 5 ms, well under one prefill step
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The single-flight answer for one token sequence.
+
+    state: "hit" (every full chunk is cached), "compute" (the caller now holds the locks of the missing
+    chunks: compute them, then `store` or `release`), or "busy" (another owner is computing the first missing
+    chunk: ask again later). hit_tokens: leading tokens available now.
+    """
+
+    state: str
+    hit_tokens: int
+
+
+class CacheEngine:
+    def __init__(self, config: CacheConfig | None = None, *, spec: KVSpec | None = None,
+                 device: torch.device | str | None = None, lock_timeout: float | None = None,
+                 fallback_on_timeout: bool | None = None, byte_tiers=None, distributed_locks=None):
+        self.config = config if config is not None else CacheConfig.load()
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.spec = spec
+        self.lock_timeout = self.config.lock_timeout if lock_timeout is None else lock_timeout
+        self.fallback_on_timeout = (self.config.fallback_on_timeout if fallback_on_timeout is None
+                                    else fallback_on_timeout)
+        self.owner = uuid.uuid4().hex  # this engine's single-flight owner token
+        local = LocalLocks()
+        self.locks = ChainedLocks(local, distributed_locks) if distributed_locks else ChainedLocks(local)
+        cfg = self.config
+        secret = cfg.cache_secret.encode() if cfg.cache_secret else None
+        codec = cfg.codec if cfg.compression_enabled else "none"
+        self.tiers = TierStack(self._memory_tiers(), list(byte_tiers or []), codec_name=codec,
+                               level=cfg.compression_level, write_policy=cfg.write_policy, secret=secret,
+                               device=self.device)
+
+    # -- construction -----------------------------------------------------------------------------------
+
+    def _memory_tiers(self) -> list[MemoryTier]:
+        cfg = self.config
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            l1_bytes = cfg.max_device_cache_size or int(cfg.max_gpu_cache_ratio * total)
+        else:
+            l1_bytes = cfg.max_device_cache_size or 0  # on a CPU device, L1 is explicit bytes or off
+        protect = dict(hot_hit_threshold=cfg.hot_hit_threshold, hot_ttl=cfg.hot_cache_ttl)
+        tiers = []
+        if l1_bytes > 0:
+            tiers.append(MemoryTier("L1", l1_bytes, TensorAllocator(self.device),
+                                    max_protected_bytes=int(cfg.max_hot_ratio * l1_bytes), **protect))
+        if cfg.max_local_cpu_size > 0:
+            arena = ArenaAllocator(cfg.max_local_cpu_size, pin=torch.cuda.is_available())
+            tiers.append(MemoryTier("L2", cfg.max_local_cpu_size, arena,
+                                    max_protected_bytes=int(cfg.max_hot_ratio * cfg.max_local_cpu_size),
+                                    **protect))
+        return tiers
+
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def keys(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> list[ChunkKey]:
+        """Keys of the full chunks of `token_ids` (empty until the KV spec is known)."""
+        if self.spec is None:
+            return []
+        salt = self.config.cache_salt + ("\x00" + namespace if namespace else "")
+        hashes = chunk_hashes(token_ids, chunk_size=self.config.chunk_size, mode=mode, salt=salt.encode())
+        fingerprint = self.spec.fingerprint
+        return [ChunkKey(fingerprint, h) for h in hashes]
+
+    def _check_kv(self, kv: torch.Tensor) -> None:
+        if not isinstance(kv, torch.Tensor) or kv.dim() < 3:
+            raise TypeError(f"kv: expected a staging tensor [L, KV, N, H, D], got {type(kv).__name__}")
+        if self.spec is None:
+            raise ValueError("the engine has no KVSpec yet: pass spec= to CacheEngine (model, dtype, layout, "
+                             "L, KV, H, D, chunk_size)")
+        expected = self.spec.chunk_shape(kv.shape[2])
+        if tuple(kv.shape) != expected or str(kv.dtype).removeprefix("torch.") != self.spec.dtype:
+            raise ValueError(f"kv: expected shape {expected} and dtype {self.spec.dtype} (the engine's "
+                             f"KVSpec), got {tuple(kv.shape)} {kv.dtype}")
+
+    # -- the API ----------------------------------------------------------------------------------------
+
+    def lookup(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
+        """Leading tokens (whole chunks) available in any tier; starts prefetching lower-tier chunks."""
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        run = self.tiers.leading_run(keys)
+        if run and self.config.prefetch_enabled:
+            self.tiers.prefetch(keys[: len(run)], run)
+        return len(run) * self.config.chunk_size
+
+    def store(self, token_ids, kv: torch.Tensor, *, pin: bool = False, mode: str = "prefix",
+              namespace: str | None = None) -> int:
+        """Store the full chunks of `token_ids` from staging `kv` [L, KV, N, H, D]; returns tokens stored.
+
+        kv covers the first N tokens of `token_ids` (N >= the full chunks to store). pin=True keeps the new
+        entries in memory for `hot_cache_ttl` (hot); `pin()` pins until `unpin()`.
+        """
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        if not keys:
+            return 0
+        self._check_kv(kv)
+        cs = self.config.chunk_size
+        keys = keys[: kv.shape[2] // cs]
+        present = self.tiers.locate(keys)
+        items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys) if present[i] is None]
+        self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None)
+        self.locks.release(keys, None)  # stored: whoever claimed these chunks need not compute them
+        return len(keys) * cs
+
+    def retrieve(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
+                 out: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
+        """(n, kv): the KV `[L, KV, n, H, D]` of the leading n available tokens, on the engine's device."""
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        run = self.tiers.leading_run(keys)
+        if not run:
+            return 0, None
+        cs = self.config.chunk_size
+        n = len(run) * cs
+        if out is None:
+            out = torch.empty(self.spec.chunk_shape(n), dtype=getattr(torch, self.spec.dtype), device=self.device)
+        got = self.tiers.read_into(keys[: len(run)], [out[:, :, i * cs:(i + 1) * cs] for i in range(len(run))])
+        if got < len(run):  # evicted or corrupt between lookup and read: the leading part is still good
+            out = out[:, :, : got * cs]
+        return got * cs, out
+
+    def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
+        """Pin the chunks held in memory tiers (never evicted until `unpin`); returns tokens pinned."""
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        pinned = [any(tier.pin([k])[0] for tier in self.tiers.memory) for k in keys]
+        return sum(pinned) * self.config.chunk_size
+
+    def unpin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> None:
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        for tier in self.tiers.memory:
+            tier.unpin(keys)
+
+    # -- batched forms ----------------------------------------------------------------------------------
+
+    def lookup_batch(self, token_lists: Sequence, **kw) -> list[int]:
+        return [self.lookup(t, **kw) for t in token_lists]
+
+    def retrieve_batch(self, token_lists: Sequence, **kw) -> list[tuple[int, torch.Tensor | None]]:
+        return [self.retrieve(t, **kw) for t in token_lists]
+
+    def store_batch(self, items: Sequence[tuple], **kw) -> list[int]:
+        return [self.store(t, kv, **kw) for t, kv in items]
+
+    # -- single-flight ----------------------------------------------------------------------------------
+
+    def claim(self, token_ids, *, owner: str | None = None, mode: str = "prefix",
+              namespace: str | None = None) -> Claim:
+        """Non-blocking single-flight step (see `Claim`). owner: who computes (e.g. a request id);
+        defaults to this engine."""
+        owner = self._owner(owner)
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        hit = len(self.tiers.leading_run(keys))
+        missing = keys[hit:]
+        if not missing:
+            return Claim("hit", hit * self.config.chunk_size)
+        if self.locks.held_by_other(missing[:1], owner)[0]:
+            return Claim("busy", hit * self.config.chunk_size)
+        taken = self.locks.acquire(missing, owner, ttl=self._lock_ttl)
+        if not taken[0]:
+            return Claim("busy", hit * self.config.chunk_size)
+        return Claim("compute", hit * self.config.chunk_size)
+
+    def wait_claim(self, token_ids, *, timeout: float | None = None, **kw) -> Claim:
+        """Blocking form: wait up to `timeout` (default lock_timeout) while another owner computes."""
+        deadline = time.monotonic() + (self.lock_timeout if timeout is None else timeout)
+        while True:
+            claim = self.claim(token_ids, **kw)
+            if claim.state != "busy":
+                return claim
+            if time.monotonic() >= deadline:
+                if self.fallback_on_timeout:
+                    return Claim("compute", claim.hit_tokens)  # compute without the lock
+                raise LockTimeoutError(f"another instance kept computing these chunks past "
+                                       f"lock_timeout={self.lock_timeout}s (fallback_on_timeout is off)")
+            time.sleep(_POLL_S)
+
+    def release(self, token_ids, *, owner: str | None = None, mode: str = "prefix",
+                namespace: str | None = None) -> None:
+        """Give up the chunks `owner` claimed (its compute failed or was aborted)."""
+        self.locks.release(self.keys(token_ids, mode=mode, namespace=namespace), self._owner(owner))
+
+    def _owner(self, owner: str | None) -> str:
+        return self.owner if owner is None else f"{self.owner}:{owner}"
+
+    @property
+    def _lock_ttl(self) -> float:
+        """A claimed chunk's lock outlives lock_timeout (waiters give up first) but not a crashed owner."""
+        return max(self.lock_timeout, 1.0) * 4
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wait for background writes and prefetches."""
+        self.tiers.flush()
+
+    def stats(self) -> dict:
+        out = {}
+        for tier in self.tiers.tiers:
+            u = tier.usage()
+            s = tier.stats
+            out[tier.name] = dict(hits=s.hits, misses=s.misses, bytes_read=s.bytes_read,
+                                  bytes_written=s.bytes_written, evictions=s.evictions, corrupt=s.corrupt,
+                                  errors=dict(s.errors), used_bytes=u.used_bytes, capacity_bytes=u.capacity_bytes,
+                                  entries=u.entries, pinned_bytes=u.pinned_bytes)
+        return out
+
+    def clear(self) -> None:
+        self.tiers.clear()
+
+    def close(self) -> None:
+        self.tiers.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,209 @@
+"""The tier stack: find a chunk in the fastest tier holding it, promote on a lower-tier hit, demote or
+write through on store, and prefetch lower-tier chunks upward in the background.
+
+Tiers, fastest first: memory tiers (L1 device, L2 CPU arena) hold staging tensors; byte tiers (L3 disk,
+L4 Redis) hold chunks serialized by `codec`. Any tier may be absent. Write policies:
+- write_through: a store goes into the top memory tier and L2, and (in a background thread) every byte tier;
+- write_back: a store goes into the top memory tier only; an eviction hands the chunk one tier down.
+A byte-tier chunk that fails verification is deleted there, counted, and treated as a miss.
+"""
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from . import codec
+from .errors import CorruptChunkError
+from .keys import ChunkKey
+from .tiers.base import Tier
+from .tiers.memory import MemoryTier
+
+log = logging.getLogger(__name__)
+
+
+class TierStack:
+    def __init__(self, memory: Sequence[MemoryTier], byte_tiers: Sequence[Tier], *, codec_name: str,
+                 level: int, write_policy: str, secret: bytes | None, device: torch.device):
+        self.memory = list(memory)
+        self.byte_tiers = list(byte_tiers)
+        self.codec = codec_name
+        self.level = level
+        self.write_policy = write_policy
+        self.secret = secret
+        self.device = device
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-write")
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmcache-prefetch")
+        self._pending_writes: set[Future] = set()
+        self._prefetching: dict[ChunkKey, Future] = {}
+        self._lock = threading.Lock()
+        self.corrupt = 0
+        if write_policy == "write_back":
+            for upper, lower in zip(self.memory, self.memory[1:]):
+                upper.on_evict = lambda key, t, lower=lower: lower.put([(key, t)])
+            if self.memory and self.byte_tiers:
+                self.memory[-1].on_evict = self._demote_to_bytes
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [*self.memory, *self.byte_tiers]
+
+    # -- lookup -----------------------------------------------------------------------------------------
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Index (into `tiers`) of the fastest tier holding each key, or None; one batched call per tier."""
+        where: list[int | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for t, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            present = tier.contains([keys[i] for i in todo])
+            for i, hit in zip(todo, present):
+                if hit:
+                    where[i] = t
+            todo = [i for i, hit in zip(todo, present) if not hit]
+        return where
+
+    def leading_run(self, keys: Sequence[ChunkKey]) -> list[int]:
+        """Tier indices of the leading run of keys present somewhere (stops at the first absent key)."""
+        run = []
+        for t in self.locate(keys):
+            if t is None:
+                break
+            run.append(t)
+        return run
+
+    # -- reads ------------------------------------------------------------------------------------------
+
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[torch.Tensor]) -> int:
+        """Fill `outs[i]` with chunk `keys[i]` in order; returns how many leading chunks were read."""
+        for i, (key, out) in enumerate(zip(keys, outs)):
+            future = self._prefetching.get(key)
+            if future is not None:
+                future.result()  # a prefetch of this chunk is in flight: let it land in memory first
+            if not self._read_one(key, out):
+                return i
+        return len(keys)
+
+    def _read_one(self, key: ChunkKey, out: torch.Tensor) -> bool:
+        for level, tier in enumerate(self.memory):
+            if tier.read_into([(key, out)])[0]:
+                self._promote(key, out, above=level)
+                return True
+        kv = self._fetch_bytes(key)
+        if kv is None:
+            return False
+        out.copy_(kv)
+        self._promote(key, kv, above=len(self.memory))
+        return True
+
+    def _fetch_bytes(self, key: ChunkKey) -> torch.Tensor | None:
+        """Read and decode `key` from the first byte tier that has a valid copy (CPU tensor) or None."""
+        for tier in self.byte_tiers:
+            buf = tier.get([key])[0]
+            if buf is None:
+                continue
+            try:
+                kv, _position = codec.decode(buf, key.raw, secret=self.secret)
+                return kv
+            except CorruptChunkError as e:
+                log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
+                            key.name, e)
+                tier.stats.corrupt += 1
+                tier.delete([key])
+        return None
+
+    def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int) -> None:
+        for tier in self.memory[:above]:
+            tier.put([(key, kv)])
+
+    # -- prefetch ---------------------------------------------------------------------------------------
+
+    def prefetch(self, keys: Sequence[ChunkKey], where: Sequence[int]) -> None:
+        """Start moving chunks that live only in byte tiers up into memory, in the background."""
+        if not self.memory:
+            return
+        for key, t in zip(keys, where):
+            if t < len(self.memory):
+                continue
+            with self._lock:
+                if key in self._prefetching:
+                    continue
+                future = self._fetcher.submit(self._prefetch_one, key)
+                self._prefetching[key] = future
+            future.add_done_callback(lambda _f, key=key: self._prefetching.pop(key, None))
+
+    def _prefetch_one(self, key: ChunkKey) -> None:
+        kv = self._fetch_bytes(key)
+        if kv is not None:
+            self._promote(key, kv, above=len(self.memory))
+
+    # -- writes -----------------------------------------------------------------------------------------
+
+    def store(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None) -> None:
+        """Store chunks per the write policy; byte tiers are written in the background (see `flush`)."""
+        if not items:
+            return
+        if self.memory:
+            self.memory[0].put(items, hot_ttl=hot_ttl)
+        if self.write_policy == "write_through":
+            for tier in self.memory[1:]:
+                tier.put(items, hot_ttl=hot_ttl)
+            if self.byte_tiers:
+                cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
+                self._submit_write(cpu_items)
+        elif not self.memory:  # write_back without memory tiers: bytes are the only place
+            self._submit_write([(key, kv.detach().to("cpu", copy=True)) for key, kv in items])
+
+    def _submit_write(self, items) -> None:
+        future = self._writer.submit(self._write_bytes, items)
+        with self._lock:
+            self._pending_writes.add(future)
+        future.add_done_callback(self._write_done)
+
+    def _write_done(self, future: Future) -> None:
+        with self._lock:
+            self._pending_writes.discard(future)
+        if future.exception() is not None:
+            log.error("background write failed: %r", future.exception())
+
+    def _write_bytes(self, items) -> None:
+        blobs = [(key, codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret))
+                 for key, kv in items]
+        for tier in self.byte_tiers:
+            missing = [item for item, present in zip(blobs, tier.contains([k for k, _ in blobs])) if not present]
+            if missing:
+                tier.put(missing)
+
+    def _demote_to_bytes(self, key: ChunkKey, kv: torch.Tensor) -> None:
+        blob = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret)
+        for tier in self.byte_tiers:
+            if tier.put([(key, blob)])[0]:
+                return
+
+    def flush(self) -> None:
+        """Wait for every background write and prefetch started so far."""
+        with self._lock:
+            pending = list(self._pending_writes) + list(self._prefetching.values())
+        for future in pending:
+            future.exception()
+
+    # -- maintenance ------------------------------------------------------------------------------------
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        for tier in self.tiers:
+            tier.delete(keys)
+
+    def clear(self) -> None:
+        self.flush()
+        for tier in self.tiers:
+            tier.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.shutdown(wait=True)
+        self._fetcher.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()

@@ -1,0 +1,205 @@
+"""Memory tiers: L1 (tensors on the serving device) and L2 (one pinned CPU arena, sub-allocated).
+
+Both keep staging tensors `[L, KV, N, H, D]` under an LRU with pinned/hot protection and a byte cap.
+A put is two-phase: space is reserved and filled first, and the key becomes visible only when the copy is
+complete, so a concurrent reader never sees half a chunk. When room is needed, least recently used
+unprotected entries are evicted; the `on_evict` callback (set by the engine) sees each victim first, so it
+can demote it to a lower tier (write-back).
+"""
+
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..eviction import LRUPolicy
+from ..keys import ChunkKey
+from .base import Tier, TierUsage
+
+
+class TensorAllocator:
+    """Each entry its own tensor on `device` (the device's caching allocator does the pooling)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def alloc(self, shape, dtype) -> torch.Tensor | None:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def free(self, t: torch.Tensor) -> None:
+        pass
+
+
+class ArenaAllocator:
+    """One CPU buffer (pinned when CUDA is present) cut into equal slots: no fragmentation, no allocation
+    on the hot path. Chunks of one model all have one size, so the slot is sized by the first entry;
+    a larger entry is refused (it goes to the lower tiers instead).
+    """
+
+    def __init__(self, capacity: int, pin: bool):
+        self.capacity = capacity
+        self._pin = pin
+        self._arena: torch.Tensor | None = None  # allocated on first use, at the first entry's slot size
+        self._slot_bytes = 0
+        self._free: list[int] = []
+        self._slot_of: dict[int, int] = {}  # data_ptr -> slot
+
+    def _init(self, nbytes: int) -> None:
+        slots = self.capacity // nbytes
+        self._slot_bytes = nbytes
+        self._arena = torch.empty(slots * nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        self._free = list(range(slots - 1, -1, -1))
+
+    def alloc(self, shape, dtype) -> torch.Tensor | None:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if self._arena is None:
+            if nbytes > self.capacity or nbytes == 0:
+                return None
+            self._init(nbytes)
+        if nbytes > self._slot_bytes or not self._free:
+            return None
+        slot = self._free.pop()
+        t = self._arena[slot * self._slot_bytes: slot * self._slot_bytes + nbytes].view(dtype).view(shape)
+        self._slot_of[t.data_ptr()] = slot
+        return t
+
+    def free(self, t: torch.Tensor) -> None:
+        self._free.append(self._slot_of.pop(t.data_ptr()))
+
+    def entry_bytes(self, nbytes: int) -> int:
+        """Bytes an entry of `nbytes` occupies (a whole slot)."""
+        return max(nbytes, self._slot_bytes)
+
+
+class MemoryTier(Tier[torch.Tensor]):
+    def __init__(self, name: str, capacity: int, allocator, *, max_protected_bytes: int,
+                 hot_hit_threshold: int = 0, hot_ttl: float = 0.0):
+        super().__init__()
+        self.name = name
+        self.capacity = capacity
+        self.device = getattr(allocator, "device", torch.device("cpu"))
+        self._alloc = allocator
+        self._entries: dict[ChunkKey, torch.Tensor] = {}
+        self._policy = LRUPolicy(max_protected_bytes, hot_hit_threshold, hot_ttl)
+        self._used = 0
+        self._lock = threading.RLock()
+        self.on_evict: Callable[[ChunkKey, torch.Tensor], None] | None = None
+
+    # -- reads ------------------------------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._entries for k in keys]
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        """Copies of the stored tensors (an entry's memory may be reused once it is evicted)."""
+        out = []
+        with self._lock:
+            for k in keys:
+                t = self._hit(k)
+                out.append(None if t is None else t.clone())
+        return out
+
+    def read_into(self, items: Sequence[tuple[ChunkKey, torch.Tensor]]) -> list[bool]:
+        """Copy each key's tensor into its destination (any device) under the lock; False for a miss."""
+        found = []
+        with self._lock:
+            for k, dst in items:
+                t = self._hit(k)
+                if t is not None:
+                    dst.copy_(t, non_blocking=False)
+                found.append(t is not None)
+        return found
+
+    def _hit(self, k: ChunkKey) -> torch.Tensor | None:
+        t = self._entries.get(k)
+        if t is None:
+            self.stats.misses += 1
+            return None
+        self._policy.touch(k)
+        self.stats.hits += 1
+        self.stats.bytes_read += t.nbytes
+        return t
+
+    # -- writes -----------------------------------------------------------------------------------------
+
+    def _nbytes(self, t: torch.Tensor) -> int:
+        sized = getattr(self._alloc, "entry_bytes", None)
+        return sized(t.nbytes) if sized else t.nbytes
+
+    def _make_room(self, nbytes: int) -> bool:
+        if nbytes > self.capacity:
+            return False
+        for victim in self._policy.victims():
+            if self._used + nbytes <= self.capacity:
+                break
+            self._evict(victim)
+        return self._used + nbytes <= self.capacity
+
+    def _evict(self, key: ChunkKey) -> None:
+        t = self._entries[key]
+        if self.on_evict is not None:
+            self.on_evict(key, t)
+        self._remove(key)
+        self.stats.evictions += 1
+
+    def _remove(self, key: ChunkKey) -> None:
+        t = self._entries.pop(key)
+        self._policy.remove(key)
+        self._used -= self._nbytes(t)
+        self._alloc.free(t)
+
+    def put(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None) -> list[bool]:
+        """Copy each tensor in; with `hot_ttl`, the new entries are hot for that long (pin=True stores)."""
+        stored = []
+        for key, src in items:
+            with self._lock:
+                if key in self._entries:
+                    self._policy.touch(key)
+                    stored.append(True)
+                    continue
+                dst = None
+                if self._make_room(self._nbytes(src)):
+                    dst = self._alloc.alloc(src.shape, src.dtype)
+                if dst is None:
+                    stored.append(False)
+                    continue
+                self._used += self._nbytes(dst)  # reserved: counted, not yet visible
+            dst.copy_(src)  # outside the lock; the key is not visible yet
+            with self._lock:
+                if key in self._entries:  # a concurrent put of the same chunk won the race
+                    self._used -= self._nbytes(dst)
+                    self._alloc.free(dst)
+                    stored.append(True)
+                    continue
+                self._entries[key] = dst
+                self._policy.add(key, self._nbytes(dst))
+                if hot_ttl is not None:
+                    self._policy.make_hot(key, hot_ttl)
+                self.stats.bytes_written += dst.nbytes
+            stored.append(True)
+        return stored
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for k in keys:
+                if k in self._entries:
+                    self._remove(k)
+
+    def pin(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [self._policy.pin(k) for k in keys]
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for k in keys:
+                self._policy.unpin(k)
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            return TierUsage(self._used, self.capacity, len(self._entries), self._policy.protected_bytes())
+
+    def clear(self) -> None:
+        with self._lock:
+            for k in list(self._entries):
+                self._remove(k)

@@ -1,0 +1,229 @@
+"""CacheEngine over its memory tiers (L1, L2): exact round trips, LRU, demotion, pin/hot, keys, single-flight."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from lmcache_core.config import CacheConfig
+from lmcache_core.engine import CacheEngine
+from lmcache_core.keys import KVSpec
+from tests.helpers import assert_bytes_equal
+
+CS = 16
+SPEC = KVSpec("tiny-model", "bfloat16", "flash_attn", num_layers=2, num_kv=2, num_heads=2, head_dim=8,
+              chunk_size=CS)
+CHUNK_BYTES = 2 * 2 * CS * 2 * 8 * 2  # L * KV * N * H * D * 2 bytes = 2048
+
+
+def make_engine(l1_chunks=0, l2_chunks=64, **cfg):
+    cfg.setdefault("chunk_size", CS)
+    config = CacheConfig(max_device_cache_size=f"{l1_chunks * CHUNK_BYTES}B" if l1_chunks else None,
+                         max_local_cpu_size=f"{l2_chunks * CHUNK_BYTES}B", **cfg)
+    return CacheEngine(config, spec=SPEC, device="cpu")
+
+
+def tokens(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50_000, (n,), generator=g).tolist()
+
+
+def kv_for(n, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(SPEC.chunk_shape(n), generator=g).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("l1,l2", [(64, 0), (0, 64), (64, 64)], ids=["L1", "L2", "L1+L2"])
+def test_round_trip_is_exact_and_only_full_chunks_count(l1, l2):
+    e = make_engine(l1, l2)
+    toks, kv = tokens(100), kv_for(100)
+    assert e.lookup(toks) == 0
+    assert e.retrieve(toks) == (0, None)
+    assert e.store(toks, kv) == 96  # 6 full chunks; the 4-token tail is not stored
+    assert e.lookup(toks) == 96
+    n, out = e.retrieve(toks)
+    assert n == 96
+    assert_bytes_equal(out, kv[:, :, :96], "retrieved")
+    assert e.lookup(toks[:50]) == 48  # a shorter prompt sharing the prefix
+    assert e.lookup(toks + tokens(40, seed=9)) == 96
+
+
+def test_prefix_keys_change_from_the_edited_chunk_on():
+    e = make_engine()
+    toks = tokens(96)
+    e.store(toks, kv_for(96))
+    edited = list(toks)
+    edited[40] += 1  # chunk 2
+    assert e.lookup(edited) == 2 * CS
+
+
+def test_segment_mode_finds_chunks_anywhere():
+    e = make_engine()
+    a, b = tokens(32, seed=1), tokens(32, seed=2)
+    kv = kv_for(64)
+    e.store(a + b, kv, mode="segment")
+    n, out = e.retrieve(b + a, mode="segment")  # same chunks, other order
+    assert n == 64
+    assert_bytes_equal(out[:, :, :32], kv[:, :, 32:], "b first")
+    assert e.lookup(b + a) == 0  # prefix keys are distinct from segment keys
+
+
+def test_namespaces_and_specs_never_share_entries():
+    e = make_engine()
+    toks = tokens(64)
+    e.store(toks, kv_for(64), namespace="tenant-a")
+    assert e.lookup(toks, namespace="tenant-a") == 64
+    assert e.lookup(toks, namespace="tenant-b") == 0
+    assert e.lookup(toks) == 0
+    other = CacheEngine(e.config, spec=KVSpec("other-model", **{k: getattr(SPEC, k) for k in (
+        "dtype", "layout", "num_layers", "num_kv", "num_heads", "head_dim", "chunk_size")}), device="cpu")
+    other.tiers = e.tiers  # same tiers, other model: different keys
+    assert other.lookup(toks, namespace="tenant-a") == 0
+
+
+def test_lru_evicts_least_recently_used():
+    e = make_engine(l1_chunks=0, l2_chunks=3)
+    seqs = [tokens(16, seed=s) for s in range(4)]
+    for s in seqs[:3]:
+        e.store(s, kv_for(16))
+    assert e.retrieve(seqs[0])[0] == 16  # touch 0: 1 is now least recent
+    e.store(seqs[3], kv_for(16))
+    assert [e.lookup(s) for s in seqs] == [16, 0, 16, 16]
+    assert e.stats()["L2"]["evictions"] == 1
+
+
+def test_write_back_demotes_l1_evictions_to_l2():
+    e = make_engine(l1_chunks=2, l2_chunks=8, write_policy="write_back")
+    seqs = [tokens(16, seed=s) for s in range(5)]
+    kvs = [kv_for(16, seed=s) for s in range(5)]
+    for s, kv in zip(seqs, kvs):
+        e.store(s, kv)
+    stats = e.stats()
+    assert stats["L1"]["entries"] == 2 and stats["L2"]["entries"] == 3
+    for s, kv in zip(seqs, kvs):
+        n, out = e.retrieve(s)
+        assert n == 16
+        assert_bytes_equal(out, kv, "after demotion")
+
+
+def test_pinned_chunks_survive_eviction_until_unpinned():
+    e = make_engine(l2_chunks=4, max_hot_ratio=0.5, hot_hit_threshold=0)
+    keep = tokens(32, seed=100)
+    e.store(keep, kv_for(32))
+    assert e.pin(keep) == 32
+    for s in range(6):
+        e.store(tokens(16, seed=s), kv_for(16))
+    assert e.lookup(keep) == 32
+    assert e.stats()["L2"]["pinned_bytes"] == 2 * CHUNK_BYTES
+    e.unpin(keep)
+    for s in range(6, 10):
+        e.store(tokens(16, seed=s), kv_for(16))
+    assert e.lookup(keep) == 0
+
+
+def test_pins_are_capped_by_max_hot_ratio():
+    e = make_engine(l2_chunks=4, max_hot_ratio=0.25, hot_hit_threshold=0)
+    toks = tokens(32)
+    e.store(toks, kv_for(32))
+    assert e.pin(toks) == 16  # one chunk of four fits under 25%
+
+
+def test_hot_by_hits_then_expires_after_hot_cache_ttl():
+    e = make_engine(l2_chunks=2, hot_hit_threshold=2, hot_cache_ttl=0.3, max_hot_ratio=0.5)
+    sys_prompt = tokens(16, seed=7)
+    e.store(sys_prompt, kv_for(16))
+    e.retrieve(sys_prompt)
+    e.retrieve(sys_prompt)  # second hit: hot
+    for s in range(3):
+        e.store(tokens(16, seed=s), kv_for(16))
+    assert e.lookup(sys_prompt) == 16
+    time.sleep(0.35)
+    for s in range(3, 6):
+        e.store(tokens(16, seed=s), kv_for(16))
+    assert e.lookup(sys_prompt) == 0
+
+
+def test_store_with_pin_is_hot_for_the_ttl():
+    e = make_engine(l2_chunks=2, hot_cache_ttl=60, hot_hit_threshold=0)
+    toks = tokens(16, seed=3)
+    e.store(toks, kv_for(16), pin=True)
+    for s in range(4):
+        e.store(tokens(16, seed=s + 10), kv_for(16))
+    assert e.lookup(toks) == 16
+
+
+def test_bad_kv_is_rejected_with_the_expected_shape():
+    e = make_engine()
+    with pytest.raises(ValueError, match=r"kv: expected shape \(2, 2, 32, 2, 8\) and dtype bfloat16.*got \(2, 2, 32, 2, 4\)"):
+        e.store(tokens(32), torch.zeros(2, 2, 32, 2, 4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="kv: expected a staging tensor"):
+        e.store(tokens(32), [1, 2])
+
+
+def test_concurrent_store_and_retrieve_never_tear():
+    e = make_engine(l1_chunks=4, l2_chunks=6)
+    seqs = [tokens(32, seed=s) for s in range(12)]
+    kvs = [kv_for(32, seed=s) for s in range(12)]
+    errors = []
+
+    def worker(w):
+        try:
+            for it in range(150):
+                i = (w * 7 + it) % 12
+                if it % 3 == 0:
+                    e.store(seqs[i], kvs[i])
+                else:
+                    n, out = e.retrieve(seqs[i])
+                    if n:
+                        assert torch.equal(out.view(torch.int16), kvs[i][:, :, :n].view(torch.int16)), i
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for name, s in e.stats().items():
+        assert s["used_bytes"] <= s["capacity_bytes"], name
+
+
+def test_single_flight_claims_per_owner():
+    e = make_engine()
+    toks = tokens(48)
+    assert e.claim(toks, owner="req-a").state == "compute"
+    busy = e.claim(toks, owner="req-b")
+    assert (busy.state, busy.hit_tokens) == ("busy", 0)
+    e.store(toks[:32], kv_for(32))  # req-a stored two chunks: their locks are gone, chunk 2 still held
+    claim = e.claim(toks, owner="req-b")
+    assert (claim.state, claim.hit_tokens) == ("busy", 32)
+    e.release(toks, owner="req-a")
+    assert e.claim(toks, owner="req-b").state == "compute"
+    e.store(toks, kv_for(48))
+    assert e.claim(toks, owner="req-c") .state == "hit"
+
+
+def test_wait_claim_times_out_into_fallback_or_error():
+    from lmcache_core.errors import LockTimeoutError
+
+    e = make_engine()
+    toks = tokens(16)
+    e.claim(toks, owner="holder")
+    t0 = time.monotonic()
+    assert e.wait_claim(toks, owner="waiter", timeout=0.1).state == "compute"
+    assert 0.1 <= time.monotonic() - t0 < 1.0
+    strict = make_engine(fallback_on_timeout=False)
+    strict.claim(toks, owner="holder")
+    with pytest.raises(LockTimeoutError, match="lock_timeout"):
+        strict.wait_claim(toks, owner="waiter", timeout=0.05)
+
+
+def test_wait_claim_returns_hit_when_the_holder_stores():
+    e = make_engine()
+    toks, kv = tokens(32), kv_for(32)
+    e.claim(toks, owner="holder")
+    threading.Timer(0.05, lambda: e.store(toks, kv)).start()
+    claim = e.wait_claim(toks, owner="waiter", timeout=5)
+    assert (claim.state, claim.hit_tokens) == ("hit", 32)
