@@ -56,14 +56,18 @@ def decode(buf, key: bytes, *, secret: bytes | None = None) -> tuple[torch.Tenso
     if header.codec == "none":
         return _tensor(payload, dtype, shape), header.position
     if header.codec == "zstd":
-        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        esize, numel = torch.empty((), dtype=dtype).element_size(), int(np.prod(shape))
+        size = esize * numel
         if size > _MAX_CHUNK_BYTES:
             raise CorruptChunkError(f"shape {shape} is implausibly large for one chunk")
         try:
+            declared = zstandard.frame_content_size(payload)  # checked first: decompress() trusts it
+            if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+                raise CorruptChunkError(f"zstd frame declares {declared} bytes, the shape needs {size}")
             raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
         except zstandard.ZstdError as e:
             raise CorruptChunkError(f"zstd: {e}") from e
-        planes = _tensor(raw, torch.uint8, (len(raw),))
+        planes = _tensor(raw, torch.uint8, (esize, numel))
         return unshuffle_bytes(planes, dtype, shape), header.position
     grouping, token_tile, group_size, _ = header.params
     if grouping >= len(_K_GROUPING) or not token_tile or not group_size:

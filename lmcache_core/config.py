@@ -1,0 +1,438 @@
+"""CacheConfig: every setting of the cache engine, in one frozen dataclass.
+
+Where values come from, lowest precedence first (`CacheConfig.load`):
+  1. the defaults below;
+  2. a YAML file: the `file` argument, else the path in LMCACHE_CONFIG_FILE;
+  3. environment variables: LMCACHE_<KEY> for every key (e.g. LMCACHE_CHUNK_SIZE=512), plus the alias
+     LMCACHE_LOCAL_DISK_SIZE for max_local_cache_size;
+  4. explicit overrides: a dict, e.g. vLLM's kv_connector_extra_config.
+A key set in a higher layer replaces it; nothing merges. `from_file` is layers 1-2 for the given path,
+`from_env` is layers 1-3, and `CacheConfig(...)` is defaults plus the arguments.
+
+The YAML may group keys in the sections `cache_config:` and `performance:` or write them at the top level;
+the sections are for people only (any key may go in either). Sizes: a plain number is in GB (10^9 bytes)
+-- except remote_max_part_size, in bytes -- and a string may carry a unit: "512MB", "2GiB", "50GB", "4096B".
+Sizes are stored as `ByteSize` (an int of bytes), which is taken as bytes wherever it is passed back in, so
+`dataclasses.replace` keeps them. Unknown keys, wrong types and out-of-range values raise ConfigError
+naming the key, where it came from, what was expected and what was received.
+"""
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+from typing import Any
+
+import yaml
+
+from lmcache_core.errors import ConfigError
+from lmcache_core.remote_url import RemoteURL, parse_remote_url
+
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+ENV_PREFIX = "LMCACHE_"
+ENV_ALIASES = {"LMCACHE_LOCAL_DISK_SIZE": "max_local_cache_size"}
+# LMCACHE_* variables that other parts of the project read (kernels/_env.py); CacheConfig leaves them alone.
+FOREIGN_ENV_VARS = ("LMCACHE_KERNEL_BACKEND",)
+SECTIONS = ("cache_config", "performance")
+GB, MiB = 10**9, 2**20
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_TEXT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*\Z")
+_BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_NONE_TEXT = ("", "none", "null")
+_MASK = "***"
+
+
+class ByteSize(int):
+    """A number of bytes; str() gives the shortest exact form ("50GB", "16MiB", "1000B")."""
+
+    def __repr__(self) -> str:
+        return f"ByteSize({int(self)})"
+
+    def __str__(self) -> str:
+        for unit in ("TB", "TiB", "GB", "GiB", "MB", "MiB", "KB", "KiB"):
+            scale = _UNITS[unit.lower()]
+            if self and self % scale == 0:
+                return f"{self // scale}{unit}"
+        return f"{int(self)}B"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One row of the key table: how a key is typed, bounded, parsed and documented."""
+
+    name: str
+    default: Any
+    kind: str  # int | float | seconds | bool | size | choice | str | path | url
+    meaning: str
+    section: str = "cache_config"
+    optional: bool = False  # None allowed (and "", "none", "null" mean None)
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    choices: tuple[str, ...] = ()
+    unit: int = GB  # what a plain number means, for sizes
+    multiple_of: int | None = None
+    secret: bool = False
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def type_text(self) -> str:
+        text = {"int": "int", "float": "float", "seconds": "seconds", "bool": "bool", "str": "string",
+                "path": "path", "url": "URL", "choice": " \\| ".join(f"`{c}`" for c in self.choices),
+                "size": "size (number = GB)" if self.unit == GB else "size (number = bytes)"}[self.kind]
+        return text + self._bounds() + (", or null" if self.optional else "")
+
+    def expected(self) -> str:
+        what = {"int": "an integer", "float": "a number", "seconds": "a number of seconds",
+                "bool": "true or false", "str": "a string", "path": "a directory path",
+                "url": "a redis://, rediss://, unix://, redis-cluster:// or rediss-cluster:// URL",
+                "choice": f"one of {', '.join(self.choices)}",
+                "size": f"a size like 50, 512MB or 2GiB (plain number = {'GB' if self.unit == GB else 'bytes'})",
+                }[self.kind]
+        return what + self._bounds() + (", or null" if self.optional else "")
+
+    def _bounds(self) -> str:
+        show = (lambda x: str(ByteSize(x)) if x else "0") if self.kind == "size" else (lambda x: f"{x:g}")
+        if self.low is not None and self.high is not None and not self.low_open:
+            text = f" in {show(self.low)}..{show(self.high)}"
+        elif self.low is not None:
+            text = f" {'>' if self.low_open else '>='} {show(self.low)}"
+        else:
+            text = "" if self.high is None else f" <= {show(self.high)}"
+        return text + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+
+    def fail(self, source: str, value: Any, why: str = "") -> ConfigError:
+        shown = _MASK if self.secret else repr(value)
+        return ConfigError(f"{source}: {self.name}: expected {self.expected()}, got {shown} "
+                           f"({type(value).__name__}){why}")
+
+    def from_text(self, text: str, source: str) -> Any:
+        """A value given as text (an environment variable) converted to this key's type, then checked."""
+        t = text.strip()
+        if self.optional and t.lower() in _NONE_TEXT:
+            return None
+        if self.kind == "bool":
+            if t.lower() not in _BOOL_TEXT:
+                raise self.fail(source, text, "; accepted: true/false/1/0/yes/no")
+            return _BOOL_TEXT[t.lower()]
+        if self.kind == "int":
+            if not re.fullmatch(r"[+-]?\d{1,18}", t):
+                raise self.fail(source, text)
+            return self.coerce(int(t), source)
+        if self.kind in ("float", "seconds"):
+            try:
+                number = float(t)
+            except ValueError:
+                raise self.fail(source, text) from None
+            return self.coerce(number, source)
+        return self.coerce(text if self.kind == "str" else t, source)
+
+    def coerce(self, value: Any, source: str) -> Any:
+        """A typed value (constructor, YAML, overrides) checked and normalized to the stored form."""
+        if value is None or (self.optional and isinstance(value, str) and value == ""):
+            if self.optional:
+                return None
+            raise self.fail(source, value)
+        kind, original = self.kind, value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(source, value)
+            return value
+        if kind == "size":
+            value = self._size(value, source)
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(source, value)
+        elif kind in ("float", "seconds"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise self.fail(source, value)
+            value = float(value)
+        elif kind in ("str", "choice"):
+            if not isinstance(value, str) or (kind == "choice" and value not in self.choices):
+                hint = _did_you_mean(value.lower(), self.choices) if isinstance(value, str) else ""
+                raise self.fail(source, value, hint)
+            if any(not c.isprintable() for c in value):
+                raise self.fail(source, value, "; control characters are not allowed")
+        elif kind == "path":
+            if not isinstance(value, (str, os.PathLike)) or "\0" in str(value):
+                raise self.fail(source, value)
+            value = os.path.expanduser(os.fspath(value))
+        elif kind == "url":
+            if isinstance(value, RemoteURL):
+                return value
+            if not isinstance(value, str):
+                raise self.fail(source, value)
+            try:
+                return parse_remote_url(value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {self.name}: {e}") from None
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high or (self.multiple_of and value % self.multiple_of):
+            raise self.fail(source, original)
+        return value
+
+    def _size(self, value: Any, source: str) -> ByteSize:
+        if isinstance(value, ByteSize):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise self.fail(source, value)
+        if isinstance(value, str):
+            m = _SIZE_TEXT.match(value)
+            unit = m.group(2).lower() if m else None
+            if unit is None or (unit and unit not in _UNITS):
+                raise self.fail(source, value, "; units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+            number, scale = Decimal(m.group(1)), _UNITS[unit] if unit else self.unit
+        else:
+            if not math.isfinite(value) or value < 0:
+                raise self.fail(source, value)
+            number, scale = Decimal(repr(value)), self.unit
+        if scale == GB and number > 10**6 and not (isinstance(value, str) and unit):
+            # a plain number above a petabyte: surely bytes written where GB are meant
+            raise self.fail(source, value, f"; a plain number here is GB, for bytes write '{value}B'")
+        return ByteSize(int((number * scale).to_integral_value()))
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _key(default, kind, meaning, **spec):
+    return field(default=default, metadata={"key": dict(kind=kind, meaning=meaning, **spec)})
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # --- chunks and L1/L2 (memory) ---
+    chunk_size: int = _key(
+        256, "int", "Tokens per chunk: the unit of hashing, storage and reuse. A multiple of 16, so a chunk "
+        "is whole vLLM blocks at the default GPU block size; with larger blocks (vLLM CPU: 128) use a "
+        "multiple of the block size.", low=16, high=65536, multiple_of=16)
+    max_gpu_cache_ratio: float = _key(
+        0.1, "float", "L1: fraction of the GPU's total memory the device tier may use; 0 = no L1 "
+        "(unless max_device_cache_size is set).", low=0.0, high=0.95)
+    max_device_cache_size: ByteSize | None = _key(
+        None, "size", "L1: explicit cap; when set it replaces max_gpu_cache_ratio. On a CPU device it is "
+        "the only way to get a separate L1 (null there: L2 serves).", optional=True, low=0, low_open=True)
+    max_local_cpu_size: ByteSize = _key(
+        ByteSize(5 * GB), "size", "L2: size of the pinned CPU arena, the staging ground of every lower "
+        "tier; 0 = no L2 (allowed only without L3 and L4).")
+    hot_hit_threshold: int = _key(
+        3, "int", "Hits after which a chunk becomes hot (not evicted while hot) by itself; 0 = only "
+        "chunks stored with pin=True are hot.", low=0)
+    hot_cache_ttl: float = _key(
+        3600.0, "seconds", "How long a chunk stays hot (not evicted) once it became hot by hits or was "
+        "stored with pin=True; then it is an ordinary LRU entry again. 0 = no chunk becomes hot.", low=0)
+    max_hot_ratio: float = _key(
+        0.5, "float", "Fraction of L1 and of L2 that pinned + hot chunks may take; past it no chunk is "
+        "made hot.", low=0.0, high=1.0)
+    write_policy: str = _key(
+        "write_through", "choice", "write_through: stores land in L1/L2 and are also written (in the "
+        "background) to every lower tier, so other processes and instances see them at once; write_back: "
+        "stores land in L1/L2 only and move down on eviction.",
+        choices=("write_back", "write_through"))
+    # --- L3 (local disk) ---
+    local_cache_dir: str | None = _key(
+        None, "path", "L3 directory (one file per chunk; ~ expanded); null = no disk tier.", optional=True)
+    max_local_cache_size: ByteSize = _key(
+        ByteSize(50 * GB), "size", "L3 capacity (LMCACHE_LOCAL_DISK_SIZE is an alias).")
+    disk_fsync: str = _key(
+        "never", "choice", "never: atomic rename only; a file torn by a power loss fails its checksum and "
+        "is a miss. file: fsync each chunk file before its rename (never torn). always: also fsync the "
+        "directory after the rename (a returned write survives power loss).",
+        choices=("never", "file", "always"))
+    disk_ttl: float = _key(0.0, "seconds", "L3 entries older than this are swept; 0 = no sweep.", low=0)
+    # --- L4 (Redis) ---
+    remote_url: RemoteURL | None = _key(
+        None, "url", "L4 Redis server or cluster (redis://, rediss://, unix://, redis-cluster://h:p,..., "
+        "rediss-cluster://); parsed at load, never connected to here; null = no Redis tier.", optional=True)
+    remote_ttl: float = _key(604800.0, "seconds", "Expiry of L4 entries (7 days); 0 = no expiry.", low=0)
+    remote_timeout: float = _key(2.0, "seconds", "Timeout of one Redis operation; past it the "
+                                 "operation is a miss.", low=0, low_open=True)
+    remote_max_part_size: ByteSize = _key(
+        ByteSize(16 * MiB), "size", "Largest Redis value; a bigger chunk is split into parts. At most "
+        "Redis's default proto-max-bulk-len (512MiB).", unit=1, low=MiB, high=512 * MiB)
+    # --- single-flight ---
+    lock_timeout: float = _key(10.0, "seconds", "How long a request waits for another one that is "
+                               "computing the same chunk.", low=0)
+    fallback_on_timeout: bool = _key(
+        True, "bool", "After lock_timeout: true = compute the chunk itself; false = keep asking again "
+        "until the chunk is stored or the holder's lock expires.")
+    # --- namespace, security, metrics ---
+    cache_salt: str = _key("", "str", "Namespace mixed into every chunk key: instances with different "
+                           "salts never share entries.")
+    cache_secret: str | None = _key(
+        None, "str", "Key for an HMAC over stored chunks in shared tiers, so entries written without it "
+        "are rejected; never printed.", optional=True, secret=True)
+    metrics_port: int | None = _key(None, "int", "Port of the Prometheus /metrics endpoint; null = off.",
+                                    optional=True, low=1, high=65535)
+    # --- performance ---
+    prefetch_enabled: bool = _key(True, "bool", "Start moving lower-tier chunks up as soon as a lookup "
+                                  "has answered.", section="performance")
+    compression_enabled: bool = _key(True, "bool", "false = store chunks raw (codec none); a lossy codec "
+                                     "with this false is an error.", section="performance")
+    codec: str = _key("zstd", "choice", "zstd: lossless (default). none: raw. int8, fp8, int4: lossy "
+                      "quantization, only when asked for.", section="performance",
+                      choices=("zstd", "none", "int8", "fp8", "int4"))
+    compression_level: int = _key(3, "int", "zstd level (negative = faster, less compression).",
+                                  section="performance", low=-7, high=22)
+    batch_size: int = _key(32, "int", "Chunks per batched tier operation (Redis pipeline, disk batch).",
+                           section="performance", low=1, high=4096)
+
+    def __post_init__(self):
+        for key in KEYS:
+            value = getattr(self, key.name)
+            checked = key.coerce(value, "CacheConfig(...)")
+            if checked is not value:
+                object.__setattr__(self, key.name, checked)
+        if self.compression_enabled is False and self.codec in ("int8", "fp8", "int4"):
+            raise ConfigError(f"codec is {self.codec!r} (lossy) but compression_enabled is false; "
+                              "set one of them differently")
+        if self.max_local_cpu_size == 0 and (self.local_cache_dir or self.remote_url):
+            raise ConfigError("max_local_cpu_size is 0, but L2 is the staging ground of local_cache_dir "
+                              "and remote_url; give L2 some room or unset both")
+        if self.local_cache_dir and self.max_local_cache_size == 0:
+            raise ConfigError("local_cache_dir is set but max_local_cache_size is 0; set a size or "
+                              "unset local_cache_dir")
+
+    @property
+    def effective_codec(self) -> str:
+        """The codec chunks are stored with: `codec`, or "none" when compression_enabled is false."""
+        return self.codec if self.compression_enabled else "none"
+
+    def __repr__(self) -> str:
+        shown = (f"{k.name}={_MASK!r}" if k.secret and getattr(self, k.name) is not None
+                 else f"{k.name}={getattr(self, k.name)!r}" for k in KEYS)
+        return f"CacheConfig({', '.join(shown)})"
+
+    # --- loading ---
+    @classmethod
+    def load(cls, file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> "CacheConfig":
+        """Defaults < YAML file (`file`, else $LMCACHE_CONFIG_FILE) < LMCACHE_* variables of `env`
+        (default os.environ) < `overrides`."""
+        env = os.environ if env is None else env
+        path = file if file is not None else (env.get(CONFIG_FILE_ENV) or None)
+        items = []
+        if path is not None:
+            items += _sectioned_items(_read_yaml(path), os.fspath(path))
+        items += _env_items(env)
+        if overrides is not None:
+            items += _sectioned_items(overrides, "overrides")
+        return cls._build(items)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "CacheConfig":
+        """Defaults < the YAML file at `path`; the environment is not read."""
+        return cls._build(_sectioned_items(_read_yaml(path), os.fspath(path)))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "CacheConfig":
+        """Defaults < the file $LMCACHE_CONFIG_FILE names (if set) < LMCACHE_* variables."""
+        return cls.load(env=env)
+
+    @classmethod
+    def _build(cls, items: list[tuple[str, Any, str]]) -> "CacheConfig":
+        values, origin = {}, {}
+        for name, value, source in items:  # later items are higher layers
+            values[name] = _KEY_BY_NAME[name].coerce(value, source)
+            origin[name] = source
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            named = [f"{n} from {s}" for n, s in origin.items() if re.search(rf"\b{n}\b", str(e))]
+            raise ConfigError(f"{e}" + (f" ({'; '.join(named)})" if named else "")) from None
+
+
+KEYS: tuple[Key, ...] = tuple(Key(f.name, f.default, **f.metadata["key"]) for f in fields(CacheConfig))
+_KEY_BY_NAME = {k.name: k for k in KEYS}
+ENV_VARS = {k.env_var: k.name for k in KEYS} | ENV_ALIASES
+
+
+def _sectioned_items(data: Any, source: str) -> list[tuple[str, Any, str]]:
+    """(key, value, source) for every key of a file or overrides mapping, flat or in sections."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys (or sections {', '.join(SECTIONS)}), "
+                          f"got {type(data).__name__}")
+    items, seen = [], {}
+    for name, value in data.items():
+        where = source
+        entries = [(name, value)]
+        if name in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: section {name}: expected a mapping, got {type(value).__name__}")
+            where, entries = f"{source} [{name}]", list(value.items())
+        for key, item in entries:
+            if key not in _KEY_BY_NAME:
+                hint = _did_you_mean(key, list(_KEY_BY_NAME) + ([] if where != source else list(SECTIONS)))
+                raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            if key in seen:
+                raise ConfigError(f"{source}: key {key!r} appears twice ({seen[key]} and {where})")
+            seen[key] = where
+            items.append((key, item, where))
+    return items
+
+
+def _env_items(env: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    items, seen = [], {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_FILE_ENV or var in FOREIGN_ENV_VARS:
+            continue
+        if var not in ENV_VARS:
+            hint = _did_you_mean(var, list(ENV_VARS) + [CONFIG_FILE_ENV, *FOREIGN_ENV_VARS])
+            raise ConfigError(f"environment: unknown variable {var}{hint} (CacheConfig reads LMCACHE_<KEY> "
+                              f"for its keys, {CONFIG_FILE_ENV} and {', '.join(ENV_ALIASES)})")
+        name = ENV_VARS[var]
+        if name in seen:
+            raise ConfigError(f"environment: {seen[name]} and {var} both set {name}; keep one")
+        seen[name] = var
+        items.append((name, _KEY_BY_NAME[name].from_text(env[var], f"env {var}"), f"env {var}"))
+    return items
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+    except OSError as e:
+        raise ConfigError(f"{os.fspath(path)}: cannot read the config file: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{os.fspath(path)}: not valid YAML: {e}") from None
+    return {} if data is None else data
+
+
+def keys_markdown() -> str:
+    """The key table as Markdown, for the README."""
+    rows = ["| key | section | type | default | env variable | meaning |", "|---|---|---|---|---|---|"]
+    for k in KEYS:
+        default = "null" if k.default is None else (str(k.default).lower() if isinstance(k.default, bool)
+                                                    else f'"{k.default}"' if k.default == "" else k.default)
+        env = f"`{k.env_var}`" + "".join(f", `{a}`" for a, n in ENV_ALIASES.items() if n == k.name)
+        rows.append(f"| `{k.name}` | {k.section} | {k.type_text()} | `{default}` | {env} | {k.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+__all__ = ["ByteSize", "CacheConfig", "ConfigError", "Key", "KEYS", "keys_markdown"]

@@ -1,0 +1,124 @@
+"""The stored chunk format: exact round trips, and every corruption is a CorruptChunkError (a miss)."""
+
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcache_core import codec, serde
+from lmcache_core.errors import CorruptChunkError
+from tests.helpers import assert_bytes_equal
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+def small_blob(secret=None):
+    kv = torch.randn(2, 2, 4, 1, 4).to(torch.bfloat16)
+    return kv, codec.encode(KEY, kv, "none", position=128, secret=secret)
+
+
+@pytest.mark.parametrize("name", ["none", "zstd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn], ids=str)
+def test_lossless_codecs_round_trip_bit_exact(name, dtype):
+    raw = torch.randint(0, 256, (2 * 2 * 64 * 3 * 16 * torch.empty((), dtype=dtype).element_size(),),
+                        dtype=torch.uint8)
+    kv = raw.view(dtype).view(2, 2, 64, 3, 16)  # every bit pattern: NaN payloads, -0.0, inf
+    blob = codec.encode(KEY, kv, name, position=7)
+    out, position = codec.decode(blob, KEY)
+    assert position == 7
+    assert_bytes_equal(out, kv, name)
+
+
+def test_zstd_compresses_real_kv():
+    from safetensors.torch import load_file
+
+    kv = load_file("../shared/data/smollm2_135m_kv_512.safetensors")["kv"][:, :, :256]  # [L, 2, T, H, D]
+    blob = codec.encode(KEY, kv, "zstd", level=3)
+    assert kv.nbytes / len(blob) > 1.4, f"ratio {kv.nbytes / len(blob):.2f}"
+    assert_bytes_equal(codec.decode(blob, KEY)[0], kv, "real kv")
+
+
+def test_every_single_bit_flip_is_detected():
+    _, blob = small_blob()
+    for bit in range(len(blob) * 8):
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(CorruptChunkError):
+            codec.decode(bytes(bad), KEY)
+
+
+def test_every_truncation_and_extension_is_detected():
+    _, blob = small_blob()
+    for cut in range(len(blob)):
+        with pytest.raises(CorruptChunkError):
+            codec.decode(blob[:cut], KEY)
+    with pytest.raises(CorruptChunkError, match="length mismatch"):
+        codec.decode(blob + b"\0", KEY)
+
+
+def test_a_chunk_under_another_key_is_rejected():
+    _, blob = small_blob()
+    with pytest.raises(CorruptChunkError, match="key mismatch"):
+        codec.decode(blob, OTHER_KEY)
+
+
+def _reforge(blob: bytes, offset: int, fmt: str, value) -> bytes:
+    """Change one header field and fix the header checksum, as a deliberate forger would."""
+    bad = bytearray(blob)
+    struct.pack_into(fmt, bad, offset, value)
+    fixed = serde._FIXED.size
+    import xxhash
+
+    struct.pack_into("<Q", bad, fixed, xxhash.xxh3_64_intdigest(bytes(bad[:fixed])))
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("offset,fmt,value,match", [
+    (96, "<Q", 2**62, "length mismatch"),  # a huge section length: no allocation, just a mismatch
+    (48, "<I", 2**31, "section holds"),  # a shape that does not match the payload
+    (44, "<B", 200, "bad dtype"),
+    (46, "<B", 99, "bad dtype/codec"),
+    (45, "<B", 0, "bad dtype/codec/ndim"),
+    (4, "<H", 9, "unsupported format version"),
+    (8, "<I", 2, "bad flags"),
+])
+def test_forged_headers_are_rejected_without_trusting_lengths(offset, fmt, value, match):
+    _, blob = small_blob()
+    with pytest.raises(CorruptChunkError, match=match):
+        codec.decode(_reforge(blob, offset, fmt, value), KEY)
+
+
+def test_forged_zstd_frame_cannot_expand_past_the_declared_shape():
+    import zstandard
+
+    kv = torch.zeros(2, 2, 4, 1, 4, dtype=torch.bfloat16)
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 24))  # 16 MiB of zeros in a few KB
+    blob = serde.pack(KEY, kv.dtype, kv.shape, "zstd", (bomb,))
+    with pytest.raises(CorruptChunkError, match="zstd"):
+        codec.decode(blob, KEY)
+
+
+def test_mac_binds_chunks_to_the_secret():
+    kv, signed = small_blob(secret=b"s3cret")
+    out, _ = codec.decode(signed, KEY, secret=b"s3cret")
+    assert_bytes_equal(out, kv, "signed")
+    with pytest.raises(CorruptChunkError, match="MAC mismatch"):
+        codec.decode(signed, KEY, secret=b"other")
+    _, unsigned = small_blob()
+    with pytest.raises(CorruptChunkError, match="unsigned chunk"):
+        codec.decode(unsigned, KEY, secret=b"s3cret")
+    forged = codec.encode(KEY, torch.ones_like(kv), "none", secret=b"guess")  # a writer without the secret
+    with pytest.raises(CorruptChunkError, match="MAC mismatch"):
+        codec.decode(forged, KEY, secret=b"s3cret")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_never_crash_the_reader(data):
+    try:
+        codec.decode(data, KEY)
+    except CorruptChunkError:
+        pass
