@@ -16,6 +16,7 @@ import torch
 
 from kernels import chunk_hashes
 
+from . import metrics
 from .config import CacheConfig
 from .errors import LockTimeoutError
 from .hierarchy import TierStack
@@ -61,6 +62,7 @@ class CacheEngine:
         self.tiers = TierStack(self._memory_tiers(), list(byte_tiers or []), codec_name=codec,
                                level=cfg.compression_level, write_policy=cfg.write_policy, secret=secret,
                                device=self.device)
+        metrics.register(self, cfg.metrics_port)
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -109,11 +111,16 @@ class CacheEngine:
 
     def lookup(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
         """Leading tokens (whole chunks) available in any tier; starts prefetching lower-tier chunks."""
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)
-        run = self.tiers.leading_run(keys)
-        if run and self.config.prefetch_enabled:
-            self.tiers.prefetch(keys[: len(run)], run)
-        return len(run) * self.config.chunk_size
+        with metrics.LATENCY.labels("lookup").time():
+            keys = self.keys(token_ids, mode=mode, namespace=namespace)
+            run = self.tiers.leading_run(keys)
+            if run and self.config.prefetch_enabled:
+                self.tiers.prefetch(keys[: len(run)], run)
+        cs = self.config.chunk_size
+        metrics.LOOKUPS.inc()
+        metrics.LOOKUP_TOKENS.inc(len(keys) * cs)
+        metrics.HIT_TOKENS.inc(len(run) * cs)
+        return len(run) * cs
 
     def store(self, token_ids, kv: torch.Tensor, *, pin: bool = False, mode: str = "prefix",
               namespace: str | None = None) -> int:
@@ -128,27 +135,32 @@ class CacheEngine:
         self._check_kv(kv)
         cs = self.config.chunk_size
         keys = keys[: kv.shape[2] // cs]
-        present = self.tiers.locate(keys)
-        items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys) if present[i] is None]
-        self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None)
+        with metrics.LATENCY.labels("store").time():
+            present = self.tiers.locate(keys)
+            items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys) if present[i] is None]
+            self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None)
+        metrics.STORED_TOKENS.inc(len(items) * cs)
         self.locks.release(keys, None)  # stored: whoever claimed these chunks need not compute them
         return len(keys) * cs
 
     def retrieve(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
                  out: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
         """(n, kv): the KV `[L, KV, n, H, D]` of the leading n available tokens, on the engine's device."""
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)
-        run = self.tiers.leading_run(keys)
-        if not run:
-            return 0, None
-        cs = self.config.chunk_size
-        n = len(run) * cs
-        if out is None:
-            out = torch.empty(self.spec.chunk_shape(n), dtype=getattr(torch, self.spec.dtype), device=self.device)
-        got = self.tiers.read_into(keys[: len(run)], [out[:, :, i * cs:(i + 1) * cs] for i in range(len(run))])
+        with metrics.LATENCY.labels("retrieve").time():
+            keys = self.keys(token_ids, mode=mode, namespace=namespace)
+            run = self.tiers.leading_run(keys)
+            if not run:
+                return 0, None
+            cs = self.config.chunk_size
+            n = len(run) * cs
+            if out is None:
+                out = torch.empty(self.spec.chunk_shape(n), dtype=getattr(torch, self.spec.dtype),
+                                  device=self.device)
+            got = self.tiers.read_into(keys[: len(run)], [out[:, :, i * cs:(i + 1) * cs] for i in range(len(run))])
         if got < len(run):  # evicted or corrupt between lookup and read: the leading part is still good
             out = out[:, :, : got * cs]
-        return got * cs, out
+        metrics.RETRIEVED_TOKENS.inc(got * cs)
+        return (got * cs, out) if got else (0, None)
 
     def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
         """Pin the chunks held in memory tiers (never evicted until `unpin`); returns tokens pinned."""
@@ -185,6 +197,7 @@ class CacheEngine:
         if not missing:
             return Claim("hit", hit * self.config.chunk_size)
         if self.locks.held_by_other(missing[:1], owner)[0]:
+            metrics.LOCK_WAITS.inc()
             return Claim("busy", hit * self.config.chunk_size)
         taken = self.locks.acquire(missing, owner, ttl=self._lock_ttl)
         if not taken[0]:
@@ -199,6 +212,7 @@ class CacheEngine:
             if claim.state != "busy":
                 return claim
             if time.monotonic() >= deadline:
+                metrics.LOCK_TIMEOUTS.inc()
                 if self.fallback_on_timeout:
                     return Claim("compute", claim.hit_tokens)  # compute without the lock
                 raise LockTimeoutError(f"another instance kept computing these chunks past "
