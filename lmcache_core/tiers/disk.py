@@ -14,11 +14,12 @@ The cap is therefore approximate across processes: another process's writes coun
 and processes evicting at once may remove more than the overage. Within one process it is exact.
 
 fsync policies (config `disk_fsync`): "never" (rename only), "file" (fsync the file before the rename),
-"always" or "dir" (also fsync the directory after it). ENOSPC/EDQUOT on a write stop puts for
+"always" (also fsync the directory after it). ENOSPC/EDQUOT on a write stop puts for
 `full_backoff` seconds (`writable` is False, `stats.errors["disk_full"]`); other faults count as
 `stats.errors["io"]`. No method raises on an I/O fault: it answers a miss or False.
 """
 
+import contextlib
 import errno
 import heapq
 import logging
@@ -36,13 +37,12 @@ from .base import Tier, TierUsage
 
 log = logging.getLogger(__name__)
 
-FSYNC_POLICIES = ("never", "file", "always", "dir")
+FSYNC_POLICIES = ("never", "file", "always")  # the names of config.disk_fsync
 _SUFFIX = ".lmc"
 _CHUNK_RE = re.compile(r"^([0-9a-f]{32})-([0-9a-f]{2})[0-9a-f]{30}\.lmc$")
 _TMP_RE = re.compile(r"^\..+\.tmp$")
 _SUBDIR_RE = re.compile(r"^[0-9a-f]{2}$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _write_all(fd: int, data) -> None:
@@ -50,6 +50,22 @@ def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _read(dfd: int, fname: str) -> tuple[bytes, float]:
+    """The whole file in one read where the OS allows (never more than its real size), and its mtime."""
+    fd = os.open(fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", fname)
+        parts, left = [], st.st_size
+        while left > 0 and (part := os.read(fd, left)):
+            parts.append(part)
+            left -= len(part)
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_mtime
+    finally:
+        os.close(fd)
 
 
 class _Entry:
@@ -60,6 +76,10 @@ class _Entry:
 
 
 class DiskTier(Tier[bytes]):
+    """Chunk files under `path`, at most `capacity` bytes. `ttl` (0 = off) is swept every `sweep_interval`
+    seconds; other processes' writes are counted every `rescan_interval` seconds; a full disk stops
+    writes for `full_backoff` seconds; temp files older than `orphan_grace` seconds are removed."""
+
     def __init__(self, path: str, capacity: int, *, fsync: str = "never", ttl: float = 0.0,
                  sweep_interval: float = 60.0, rescan_interval: float = 10.0, full_backoff: float = 30.0,
                  orphan_grace: float = 60.0, name: str = "L3"):
@@ -68,28 +88,28 @@ class DiskTier(Tier[bytes]):
             raise ValueError(f"DiskTier fsync: expected one of {FSYNC_POLICIES}, got {fsync!r}")
         if not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"DiskTier capacity: expected a positive number of bytes, got {capacity!r}")
-        for arg, value in (("ttl", ttl), ("full_backoff", full_backoff), ("orphan_grace", orphan_grace)):
-            if value < 0:
-                raise ValueError(f"DiskTier {arg}: expected seconds >= 0, got {value!r}")
-        for arg, value in (("sweep_interval", sweep_interval), ("rescan_interval", rescan_interval)):
-            if value <= 0:
-                raise ValueError(f"DiskTier {arg}: expected seconds > 0, got {value!r}")
+        for arg, v, low in (("ttl", ttl, 0), ("full_backoff", full_backoff, 0), ("orphan_grace", orphan_grace, 0),
+                            ("sweep_interval", sweep_interval, 1e-3), ("rescan_interval", rescan_interval, 1e-3)):
+            if not v >= low:
+                raise ValueError(f"DiskTier {arg}: expected seconds >= {low}, got {v!r}")
         self.name, self.root, self.capacity, self.ttl = name, os.path.abspath(path), capacity, ttl
         self.full_backoff, self.orphan_grace = full_backoff, orphan_grace
-        self._fsync_file, self._fsync_dir = fsync != "never", fsync in ("always", "dir")
+        self._fsync_file, self._fsync_dir = fsync != "never", fsync == "always"
         self._entries: dict[str, _Entry] = {}
-        self._heap: list[tuple[float, str]] = []  # (stamp, name), stale items skipped lazily
-        self._used = self._reserved = 0
+        self._heap: list[tuple[float, str]] = []  # (stamp, name) in LRU order; stale items skipped lazily
+        self._used = self._reserved = 0  # bytes of indexed files; bytes of puts in flight
         self._writing: Counter = Counter()  # names this process is writing now
+        self._cancel: set[str] = set()  # names deleted while being written: removed when the write ends
         self._doomed: set[str] = set()  # names this process is unlinking now
-        self._removed: set[str] = set()  # names removed since the current scan began
-        self._epoch, self._last_stamp, self._full_until = 0, 0.0, 0.0
+        self._removed: dict[str, int] = {}  # name -> removal number, for names removed since the last scan
+        self._seq = self._scan_seq = self._epoch = 0  # removals so far; at the last scan; clear() calls
+        self._last_stamp = self._full_until = 0.0
         self._lock, self._scan_lock, self._stop = threading.Lock(), threading.Lock(), threading.Event()
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
         except OSError as e:
             raise TierUnavailableError(f"DiskTier: cannot create local_cache_dir {self.root!r}: {e}") from e
-        self._scan(start=True)
+        self._scan()
         interval = min(rescan_interval, sweep_interval) if ttl > 0 else rescan_interval
         self._thread = threading.Thread(target=self._maintain, args=(interval,), daemon=True,
                                         name=f"lmcache-disk-{name}")
@@ -100,79 +120,56 @@ class DiskTier(Tier[bytes]):
         """False during the back-off after a disk-full error."""
         return time.monotonic() >= self._full_until
 
-    # -- reads ------------------------------------------------------------------------------------------
+    # -- Tier interface ---------------------------------------------------------------------------------
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         out = []
-        for key in keys:
-            name = key.name
+        for name in (k.name for k in keys):
             with self._lock:
-                e = self._entries.get(name)
-                if name in self._doomed or e is not None:
+                e, seq = self._entries.get(name), self._seq
+                if e is not None or name in self._doomed:
                     out.append(e is not None and not self._expired(e.mtime))
                     continue
-            try:  # another process may have written it since our last scan
-                st = self._in_dir(name, lambda dfd: os.stat(name + _SUFFIX, dir_fd=dfd, follow_symlinks=False))
+            try:  # not indexed: another process may have written it since our last scan
+                st = self._stat(name)
             except OSError as err:
                 self._fault(err)
                 out.append(False)
                 continue
-            found = stat.S_ISREG(st.st_mode) and not self._expired(st.st_mtime)
-            if found:
-                self._adopt(name, st.st_size, st.st_mtime, touch=False)
-            out.append(found)
+            out.append(stat.S_ISREG(st.st_mode) and not self._expired(st.st_mtime))
+            if out[-1]:
+                self._adopt(name, st.st_size, st.st_mtime, seq, touch=False)
         return out
 
     def get(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
         """Each chunk's whole file, unverified (the engine verifies), or None."""
         out = []
-        for key in keys:
-            name = key.name
+        for name in (k.name for k in keys):
             with self._lock:
-                doomed, e = name in self._doomed, self._entries.get(name)
+                doomed, e, seq = name in self._doomed, self._entries.get(name), self._seq
             data = None
-            if not doomed:  # not indexed: another process may have written it, so look anyway
+            if not doomed:  # also when not indexed: another process may have written it
                 try:
-                    data, mtime = self._in_dir(name, lambda dfd: self._read(dfd, name + _SUFFIX))
+                    data, mtime = self._in_dir(name[33:35], lambda dfd: _read(dfd, name + _SUFFIX))
                 except OSError as err:
                     self._fault(err)
-                    if isinstance(err, FileNotFoundError) and e is not None:
-                        self._forget(name, e)
+                    with self._lock:
+                        if e is not None and self._entries.get(name) is e:  # gone, and no put since
+                            self._drop(name)
                 if data is not None and self._expired(mtime):
                     data = None
-                    self._expire([name])
+                    self._discard([name], evicted=True)
             with self._lock:
-                if data is None:
-                    self.stats.misses += 1
-                else:
-                    self.stats.hits += 1
-                    self.stats.bytes_read += len(data)
+                self.stats.misses += data is None
+                self.stats.hits += data is not None
+                self.stats.bytes_read += len(data or b"")
             if data is not None:
-                self._adopt(name, len(data), mtime, touch=True)
+                self._adopt(name, len(data), mtime, seq, touch=True)
             out.append(data)
         return out
 
-    @staticmethod
-    def _read(dfd: int, fname: str) -> tuple[bytes, float]:
-        fd = os.open(fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", fname)
-            parts, left = [], st.st_size  # never more than the file's real size
-            while left > 0:
-                part = os.read(fd, left)
-                if not part:
-                    break
-                parts.append(part)
-                left -= len(part)
-            return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_mtime
-        finally:
-            os.close(fd)
-
-    # -- writes -----------------------------------------------------------------------------------------
-
     def put(self, items: Sequence[tuple[ChunkKey, bytes]]) -> list[bool]:
+        """Write each value whole (temp file, rename); False when refused (too big, disk full) or failed."""
         return [self._put_one(key.name, value) for key, value in items]
 
     def _put_one(self, name: str, value: bytes) -> bool:
@@ -182,14 +179,14 @@ class DiskTier(Tier[bytes]):
                 return False
             victims = self._make_room(n)
             fits = self._used + self._reserved + n <= self.capacity
-            if fits:
+            if fits:  # reserved: counted before it is written, so the cap holds while writes are in flight
                 self._reserved += n
                 self._writing[name] += 1
-        self._remove(victims)
+        self._unlink_doomed(victims)
         if not fits:
             return False
         try:
-            self._in_dir(name, lambda dfd: self._write(dfd, name + _SUFFIX, value), create=True)
+            self._in_dir(name[33:35], lambda dfd: self._write(dfd, name + _SUFFIX, value), create=True)
             ok = True
         except OSError as err:
             self._fault(err)
@@ -197,11 +194,15 @@ class DiskTier(Tier[bytes]):
         with self._lock:
             self._reserved -= n
             self._writing[name] -= 1
-            if not self._writing[name]:
-                del self._writing[name]
             if ok:
                 self._set(name, n, time.time(), self._next_stamp())
                 self.stats.bytes_written += n
+            cancelled = self._writing[name] == 0 and name in self._cancel
+            if self._writing[name] == 0:
+                del self._writing[name]
+                self._cancel.discard(name)
+        if cancelled:  # delete() was called while this write was in flight
+            self._discard([name])
         return ok
 
     def _write(self, dfd: int, fname: str, value: bytes) -> None:
@@ -217,20 +218,15 @@ class DiskTier(Tier[bytes]):
                 os.close(fd)
             os.replace(tmp, fname, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
             raise
         if self._fsync_dir:
             os.fsync(dfd)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Unlink each key's file, also one this process never indexed (another process wrote it)."""
-        with self._lock:
-            for key in keys:
-                self._drop(key.name)
-        self._remove(self._doom([k.name for k in keys]))
+        self._discard([k.name for k in keys])
 
     def usage(self) -> TierUsage:
         with self._lock:
@@ -252,11 +248,12 @@ class DiskTier(Tier[bytes]):
                 self._unlink(sub, entry.name)
 
     def close(self) -> None:
+        """Stop the maintenance thread (idempotent). The tier stays usable, without rescans or sweeps."""
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
 
-    # -- index (call with self._lock held) -------------------------------------------------------------
+    # -- index (the _lock held) -------------------------------------------------------------------------
 
     def _next_stamp(self) -> float:
         self._last_stamp = max(time.time(), self._last_stamp + 1e-6)  # strictly increasing: access order
@@ -270,17 +267,16 @@ class DiskTier(Tier[bytes]):
 
     def _push(self, stamp: float, name: str) -> None:
         heapq.heappush(self._heap, (stamp, name))
-        if len(self._heap) > 2 * len(self._entries) + 1024:  # drop stale heap items
+        if len(self._heap) > 2 * len(self._entries) + 1024:  # rebuild without stale items
             self._heap = [(e.stamp, n) for n, e in self._entries.items()]
             heapq.heapify(self._heap)
 
     def _drop(self, name: str) -> None:
         e = self._entries.pop(name, None)
-        if e is not None:
-            self._used -= e.size
+        self._used -= e.size if e is not None else 0
 
     def _make_room(self, n: int) -> list[str]:
-        """Pop LRU victims until `n` more bytes fit; returns them doomed (unlink with `_remove`)."""
+        """Pop LRU victims until `n` more bytes fit; returns them doomed (`_unlink_doomed` them)."""
         victims, busy = [], []
         while self._used + self._reserved + n > self.capacity and self._heap:
             stamp, name = heapq.heappop(self._heap)
@@ -292,74 +288,65 @@ class DiskTier(Tier[bytes]):
                 continue
             self._drop(name)
             victims.append(name)
-            self.stats.evictions += 1
         for item in busy:
             heapq.heappush(self._heap, item)
+        self.stats.evictions += len(victims)
         self._doomed.update(victims)
         return victims
 
     def _expired(self, mtime: float) -> bool:
         return self.ttl > 0 and time.time() - mtime > self.ttl
 
-    # -- index updates that take the lock, file removal ---------------------------------------------------
+    # -- index updates that take the lock; file removal --------------------------------------------------
 
-    def _adopt(self, name: str, size: int, mtime: float, *, touch: bool) -> None:
-        """Record a file found on disk (read or stat'ed); evict if that puts this view over the cap."""
+    def _adopt(self, name: str, size: int, mtime: float, seq: int, *, touch: bool) -> None:
+        """Record a file found on disk (read or stat'ed after removal number `seq`); evict if over the cap."""
         with self._lock:
             e = self._entries.get(name)
-            if name in self._doomed or name in self._writing or (e is None and name in self._removed):
-                return  # this process is writing or removing it: that call keeps the index right
+            if name in self._doomed or name in self._writing or (e is None and self._removed.get(name, 0) > seq):
+                return  # this process is writing or removed it meanwhile: that call keeps the index right
             if e is not None and e.size == size and e.mtime >= mtime:
                 if touch:
                     e.stamp = self._next_stamp()
                     self._push(e.stamp, name)
                 return
-            stamp = self._next_stamp() if touch else max(mtime, e.stamp if e else mtime)
-            self._set(name, size, mtime, stamp)
+            self._set(name, size, mtime, self._next_stamp() if touch else max(mtime, e.stamp if e else mtime))
             victims = self._make_room(0)
-        self._remove(victims)
+        self._unlink_doomed(victims)
 
-    def _forget(self, name: str, e: _Entry) -> None:
+    def _discard(self, names: list[str], evicted: bool = False) -> None:
+        """Remove files; one this process is writing now goes when that write ends (unless TTL-expired)."""
         with self._lock:
-            if self._entries.get(name) is e:  # not replaced by a put meanwhile
+            busy = [n for n in names if n in self._writing]
+            if not evicted:
+                self._cancel.update(busy)
+            names = [n for n in names if n not in busy and n not in self._doomed]
+            for name in names:
                 self._drop(name)
-
-    def _doom(self, names: list[str]) -> list[str]:
-        with self._lock:
+            self.stats.evictions += len(names) if evicted else 0
             self._doomed.update(names)
-            return names
+        self._unlink_doomed(names)
 
-    def _expire(self, names: list[str]) -> None:
-        """Remove files older than the TTL (counted as evictions), except ones this process is writing."""
-        with self._lock:
-            stale = [n for n in names if n not in self._writing and n not in self._doomed]
-            for name in stale:
-                self._drop(name)
-            self.stats.evictions += len(stale)
-            self._doomed.update(stale)
-        self._remove(stale)
-
-    def _remove(self, names: list[str]) -> None:
-        """Unlink doomed chunk files (outside the lock), then let the names be used again."""
+    def _unlink_doomed(self, names: list[str]) -> None:
         for name in names:
             self._unlink(name[33:35], name + _SUFFIX)
         with self._lock:
             self._doomed.difference_update(names)
-            self._removed.update(names)
+            for name in names:
+                self._seq += 1
+                self._removed[name] = self._seq
 
     def _unlink(self, sub: str, fname: str) -> None:
         try:
-            self._in_dir(sub, lambda dfd: os.unlink(fname, dir_fd=dfd), is_sub=True)
-        except FileNotFoundError:
-            pass
+            self._in_dir(sub, lambda dfd: os.unlink(fname, dir_fd=dfd))
         except OSError as err:
             self._fault(err)
 
-    # -- file system helpers --------------------------------------------------------------------------
+    # -- file system ------------------------------------------------------------------------------------
 
-    def _in_dir(self, name: str, op, *, create: bool = False, is_sub: bool = False):
-        """Run op(dir_fd) in the fan-out directory of chunk `name` (or subdirectory `name`), no symlinks."""
-        path = os.path.join(self.root, name if is_sub else name[33:35])
+    def _in_dir(self, sub: str, op, *, create: bool = False):
+        """op(dir_fd) in fan-out directory `sub`, opened without following a symlink."""
+        path = os.path.join(self.root, sub)
         try:
             dfd = os.open(path, _DIR_FLAGS)
         except FileNotFoundError:
@@ -372,20 +359,27 @@ class DiskTier(Tier[bytes]):
         finally:
             os.close(dfd)
 
+    def _stat(self, name: str) -> os.stat_result:
+        return self._in_dir(name[33:35], lambda dfd: os.stat(name + _SUFFIX, dir_fd=dfd, follow_symlinks=False))
+
+    def _gone(self, name: str) -> bool:
+        try:
+            self._stat(name)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            pass  # unknown: keep the entry
+        return False
+
     def _fault(self, err: OSError) -> None:
         if isinstance(err, FileNotFoundError):
-            return  # a file removed by another process or by a TTL sweep: a plain miss
+            return  # removed by another process or a sweep: a plain miss
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         with self._lock:
-            if err.errno in _FULL:
-                self.stats.errors["disk_full"] += 1
-                self._full_until = time.monotonic() + self.full_backoff
-            else:
-                self.stats.errors["io"] += 1
-        if err.errno in _FULL:
-            log.warning("%s: disk full under %s (%s); no writes for %.0f s", self.name, self.root, err,
-                        self.full_backoff)
-        else:
-            log.warning("%s: I/O error under %s: %s", self.name, self.root, err)
+            self.stats.errors["disk_full" if full else "io"] += 1
+            self._full_until = time.monotonic() + self.full_backoff if full else self._full_until
+        log.warning("%s: %s under %s: %s%s", self.name, "disk full" if full else "I/O error", self.root, err,
+                    f"; no writes for {self.full_backoff:.0f} s" if full else "")
 
     def _walk(self) -> list:
         """(subdir, DirEntry) of every regular file in the fan-out directories; symlinks are skipped."""
@@ -393,14 +387,11 @@ class DiskTier(Tier[bytes]):
             subs = [d.name for d in top if _SUBDIR_RE.match(d.name) and d.is_dir(follow_symlinks=False)]
         files = []
         for sub in subs:
-            try:
-                with os.scandir(os.path.join(self.root, sub)) as it:
-                    files += [(sub, e) for e in it if e.is_file(follow_symlinks=False)]
-            except FileNotFoundError:
-                continue
+            with contextlib.suppress(FileNotFoundError), os.scandir(os.path.join(self.root, sub)) as it:
+                files += [(sub, e) for e in it if e.is_file(follow_symlinks=False)]
         return files
 
-    # -- rescan, TTL sweep, orphan removal ------------------------------------------------------------
+    # -- rescan, TTL sweep, orphan removal ----------------------------------------------------------------
 
     def _maintain(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -409,17 +400,18 @@ class DiskTier(Tier[bytes]):
             except Exception:  # the thread must outlive any surprise; the next pass retries
                 log.exception("%s: directory scan failed", self.name)
 
-    def _scan(self, start: bool = False) -> None:
+    def _scan(self) -> None:
         with self._scan_lock:
-            began = time.monotonic()
+            began, now = time.monotonic(), time.time()
             with self._lock:
-                self._removed, epoch = set(), self._epoch
-            found, expired, now = {}, {}, time.time()
+                self._removed = {n: s for n, s in self._removed.items() if s > self._scan_seq}
+                seq, self._scan_seq, epoch = self._seq, self._seq, self._epoch
             try:
                 listing = self._walk()
             except OSError as err:  # keep the index as it is; the next pass retries
                 self._fault(err)
                 return
+            found, expired = {}, []
             for sub, entry in listing:
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -428,24 +420,29 @@ class DiskTier(Tier[bytes]):
                 match = _CHUNK_RE.match(entry.name)
                 if match and match.group(2) == sub:
                     name = entry.name[: -len(_SUFFIX)]
-                    (expired if self._expired(st.st_mtime) else found)[name] = (st.st_size, st.st_mtime)
+                    if self._expired(st.st_mtime):
+                        expired.append(name)
+                    else:
+                        found[name] = (st.st_size, st.st_mtime)
                 elif _TMP_RE.match(entry.name) and now - st.st_mtime > self.orphan_grace:
-                    self._unlink(sub, entry.name)  # a crashed writer's temp file
-            self._expire(list(expired))
+                    self._unlink(sub, entry.name)  # left by a crashed writer
+            self._discard(expired, evicted=True)
             with self._lock:
                 if self._epoch != epoch:
                     return  # clear() ran meanwhile: this listing is out of date
-                skip = self._doomed | self._removed | set(self._writing)
                 for name, (size, mtime) in found.items():
                     e = self._entries.get(name)
-                    if name in skip or (e is not None and e.size == size and e.mtime >= mtime):
+                    if name in self._doomed or name in self._writing or self._removed.get(name, 0) > seq:
                         continue
-                    self._set(name, size, mtime, mtime if e is None else max(e.stamp, mtime))
-                for name in [n for n, e in self._entries.items() if n not in found and e.seen < began]:
-                    if name not in self._writing:
+                    if e is None or e.size != size or e.mtime < mtime:
+                        self._set(name, size, mtime, mtime if e is None else max(e.stamp, mtime))
+                gone = [(n, e) for n, e in self._entries.items()
+                        if n not in found and e.seen < began and n not in self._writing]
+            # a listing may miss a file renamed over while it ran (POSIX leaves that open): stat to be sure
+            gone = [(n, e) for n, e in gone if self._gone(n)]
+            with self._lock:
+                for name, e in gone:
+                    if self._entries.get(name) is e:
                         self._drop(name)  # removed by another process
                 victims = self._make_room(0)
-            self._remove(victims)
-            if start and (found or expired):
-                log.info("%s: indexed %d chunk files (%d bytes) under %s, %d expired", self.name,
-                         len(self._entries), self._used, self.root, len(expired))
+            self._unlink_doomed(victims)
