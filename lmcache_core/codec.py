@@ -11,7 +11,7 @@ import zstandard
 
 from kernels.quant import dequantize_kv, quantize_kv
 from kernels.shuffle import shuffle_bytes, unshuffle_bytes
-from kernels.quant import QuantizedKV, QuantMeta
+from kernels.quant import QuantizedKV, QuantMeta, empty_quantized
 
 from . import serde
 from .errors import CorruptChunkError
@@ -75,10 +75,10 @@ def decode(buf, key: bytes, *, secret: bytes | None = None) -> tuple[torch.Tenso
     try:
         meta = QuantMeta(header.codec, str(dtype).removeprefix("torch."), tuple(shape), _K_GROUPING[grouping],
                          token_tile, group_size)
-        data_shape, scales_shape = meta.data_shape, meta.scales_shape
-    except ValueError as e:
+        shapes = empty_quantized(meta, torch.device("meta"))  # shapes and dtypes only, no memory
+        data_bytes, scale_bytes = payload[: header.sections[0]], payload[header.sections[0]:]
+        q = QuantizedKV(_tensor(data_bytes, shapes.data.dtype, shapes.data.shape),
+                        _tensor(scale_bytes, shapes.scales.dtype, shapes.scales.shape), meta)
+    except (ValueError, ZeroDivisionError) as e:
         raise CorruptChunkError(f"bad quantization metadata: {e}") from e
-    data_bytes, scale_bytes = payload[: header.sections[0]], payload[header.sections[0]:]
-    q = QuantizedKV(_tensor(data_bytes, meta.data_dtype, data_shape),
-                    _tensor(scale_bytes, meta.scales_dtype, scales_shape), meta)
     return dequantize_kv(q), header.position

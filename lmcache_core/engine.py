@@ -22,6 +22,8 @@ from .errors import LockTimeoutError
 from .hierarchy import TierStack
 from .keys import ChunkKey, KVSpec
 from .singleflight import ChainedLocks, LocalLocks
+from .tiers import build_byte_tiers
+from .tiers import distributed_locks as redis_locks
 from .tiers.memory import ArenaAllocator, MemoryTier, TensorAllocator
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class CacheEngine:
     def __init__(self, config: CacheConfig | None = None, *, spec: KVSpec | None = None,
                  device: torch.device | str | None = None, lock_timeout: float | None = None,
                  fallback_on_timeout: bool | None = None, byte_tiers=None, distributed_locks=None):
+        """byte_tiers: L3/L4 tiers to use instead of the ones the config describes (None: from config)."""
         self.config = config if config is not None else CacheConfig.load()
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -54,12 +57,15 @@ class CacheEngine:
         self.fallback_on_timeout = (self.config.fallback_on_timeout if fallback_on_timeout is None
                                     else fallback_on_timeout)
         self.owner = uuid.uuid4().hex  # this engine's single-flight owner token
+        cfg = self.config
+        if byte_tiers is None:
+            byte_tiers = build_byte_tiers(cfg)
+            distributed_locks = distributed_locks or redis_locks(byte_tiers)
         local = LocalLocks()
         self.locks = ChainedLocks(local, distributed_locks) if distributed_locks else ChainedLocks(local)
-        cfg = self.config
         secret = cfg.cache_secret.encode() if cfg.cache_secret else None
         codec = cfg.codec if cfg.compression_enabled else "none"
-        self.tiers = TierStack(self._memory_tiers(), list(byte_tiers or []), codec_name=codec,
+        self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=codec,
                                level=cfg.compression_level, write_policy=cfg.write_policy, secret=secret,
                                device=self.device)
         metrics.register(self, cfg.metrics_port)
