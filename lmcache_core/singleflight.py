@@ -2,7 +2,7 @@
 
 A lock per chunk key, held by an owner token for at most `ttl` seconds (a crashed owner cannot block
 others for longer). `LocalLocks` covers one process; a distributed implementation (Redis `SET NX PX` with
-an owner token and compare-and-delete release, in `tiers/redis_tier.py`) covers instances sharing a Redis.
+an owner token and compare-and-delete release, in `tiers/redis_locks.py`) covers instances sharing a Redis.
 Both answer without blocking; waiting is the caller's loop (the vLLM scheduler must never block).
 """
 
