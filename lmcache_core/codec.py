@@ -1,6 +1,6 @@
 """Chunk tensor <-> stored bytes for the byte tiers (L3 disk, L4 Redis), through `serde`'s header.
 
-Codecs: `none` (raw bytes), `zstd` (lossless: byte planes split by `kernels.shuffle_bytes`, then zstd;
+Codecs: `none` (raw bytes), `zstd` (lossless: byte planes split by `kernels.shuffle_bytes_ref`, then zstd;
 ~1.46x on real bf16 KV vs 1.27x for zstd on raw bytes), and the lossy `int8`, `fp8`, `int4`
 (`kernels.quantize_kv`: data and scales as the payload's two sections, grouping in the codec parameters).
 """
@@ -9,8 +9,12 @@ import numpy as np
 import torch
 import zstandard
 
-from kernels.quant import dequantize_kv, quantize_kv
-from kernels.shuffle import shuffle_bytes, unshuffle_bytes
+# The byte tiers' data is on the CPU by the time it is serialized, so the torch references are the path
+# (they are the CPU production path of every kernel; under TRITON_INTERPRET they also keep tests fast).
+from kernels.quant import dequantize_kv_ref as dequantize_kv
+from kernels.quant import quantize_kv_ref as quantize_kv
+from kernels.shuffle import shuffle_bytes_ref as shuffle_bytes
+from kernels.shuffle import unshuffle_bytes_ref as unshuffle_bytes
 from kernels.quant import QuantizedKV, QuantMeta, empty_quantized
 
 from . import serde

@@ -61,8 +61,8 @@ class CacheEngine:
         if byte_tiers is None:
             byte_tiers = build_byte_tiers(cfg)
             distributed_locks = distributed_locks or redis_locks(byte_tiers)
-        local = LocalLocks()
-        self.locks = ChainedLocks(local, distributed_locks) if distributed_locks else ChainedLocks(local)
+        self._local_locks, self._remote_locks = LocalLocks(), distributed_locks
+        self.locks = ChainedLocks(*(x for x in (self._local_locks, distributed_locks) if x is not None))
         secret = cfg.cache_secret.encode() if cfg.cache_secret else None
         codec = cfg.codec if cfg.compression_enabled else "none"
         self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=codec,
@@ -144,9 +144,13 @@ class CacheEngine:
         with metrics.LATENCY.labels("store").time():
             present = self.tiers.locate(keys)
             items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys) if present[i] is None]
-            self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None)
+            # Stored: whoever claimed these chunks need not compute them. Other instances are released once
+            # the chunks are in the shared tiers, so a waiter there finds them instead of recomputing.
+            self._local_locks.release(keys, None)
+            remote = self._remote_locks
+            self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None,
+                             on_written=(lambda: remote.release(keys, None)) if remote else None)
         metrics.STORED_TOKENS.inc(len(items) * cs)
-        self.locks.release(keys, None)  # stored: whoever claimed these chunks need not compute them
         return len(keys) * cs
 
     def retrieve(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,

@@ -136,29 +136,31 @@ class TierStack:
             future.add_done_callback(lambda _f, key=key: self._prefetching.pop(key, None))
 
     def _prefetch_one(self, key: ChunkKey) -> None:
-        kv = self._fetch_bytes(key)
-        if kv is not None:
-            self._promote(key, kv, above=len(self.memory))
+        try:
+            kv = self._fetch_bytes(key)
+            if kv is not None:
+                self._promote(key, kv, above=len(self.memory))
+        except Exception:  # a prefetch is an optimization: log it, the read path fetches again
+            log.exception("prefetch of chunk %s failed", key.name)
 
     # -- writes -----------------------------------------------------------------------------------------
 
-    def store(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None) -> None:
-        """Store chunks per the write policy; byte tiers are written in the background (see `flush`)."""
-        if not items:
-            return
-        if self.memory:
+    def store(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
+              on_written=None) -> None:
+        """Store chunks per the write policy; byte tiers are written in the background (see `flush`).
+        `on_written()` runs once every tier that will get the chunks now has them."""
+        if self.memory and items:
             self.memory[0].put(items, hot_ttl=hot_ttl)
+        to_bytes = self.byte_tiers and items and (self.write_policy == "write_through" or not self.memory)
         if self.write_policy == "write_through":
             for tier in self.memory[1:]:
                 tier.put(items, hot_ttl=hot_ttl)
-            if self.byte_tiers:
-                cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
-                self._submit_write(cpu_items)
-        elif not self.memory:  # write_back without memory tiers: bytes are the only place
-            self._submit_write([(key, kv.detach().to("cpu", copy=True)) for key, kv in items])
-
-    def _submit_write(self, items) -> None:
-        future = self._writer.submit(self._write_bytes, items)
+        if not to_bytes:
+            if on_written is not None:
+                on_written()
+            return
+        cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
+        future = self._writer.submit(self._write_bytes, cpu_items, on_written)
         with self._lock:
             self._pending_writes.add(future)
         future.add_done_callback(self._write_done)
@@ -169,13 +171,17 @@ class TierStack:
         if future.exception() is not None:
             log.error("background write failed: %r", future.exception())
 
-    def _write_bytes(self, items) -> None:
-        blobs = [(key, codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret))
-                 for key, kv in items]
-        for tier in self.byte_tiers:
-            missing = [item for item, present in zip(blobs, tier.contains([k for k, _ in blobs])) if not present]
-            if missing:
-                tier.put(missing)
+    def _write_bytes(self, items, on_written=None) -> None:
+        try:
+            blobs = [(key, codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret))
+                     for key, kv in items]
+            for tier in self.byte_tiers:
+                missing = [item for item, present in zip(blobs, tier.contains([k for k, _ in blobs])) if not present]
+                if missing:
+                    tier.put(missing)
+        finally:
+            if on_written is not None:
+                on_written()
 
     def _demote_to_bytes(self, key: ChunkKey, kv: torch.Tensor) -> None:
         blob = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret)
