@@ -142,8 +142,10 @@ class CacheEngine:
         cs = self.config.chunk_size
         keys = keys[: kv.shape[2] // cs]
         with metrics.LATENCY.labels("store").time():
-            present = self.tiers.locate(keys)
-            items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys) if present[i] is None]
+            # Every chunk goes down: a tier that already holds one skips it (memory tiers refresh its
+            # recency; byte tiers are asked before anything is encoded), so a tier that lost it, like a
+            # restarted Redis, gets it back.
+            items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys)]
             # Stored: whoever claimed these chunks need not compute them. Other instances are released once
             # the chunks are in the shared tiers, so a waiter there finds them instead of recomputing.
             self._local_locks.release(keys, None)

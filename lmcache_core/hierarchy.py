@@ -172,13 +172,18 @@ class TierStack:
             log.error("background write failed: %r", future.exception())
 
     def _write_bytes(self, items, on_written=None) -> None:
+        """Write each chunk to every byte tier that lacks it (encoding each chunk at most once)."""
         try:
-            blobs = [(key, codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret))
-                     for key, kv in items]
-            for tier in self.byte_tiers:
-                missing = [item for item, present in zip(blobs, tier.contains([k for k, _ in blobs])) if not present]
-                if missing:
-                    tier.put(missing)
+            keys = [key for key, _ in items]
+            missing = [tier.contains(keys) for tier in self.byte_tiers]
+            blobs = {}
+            for i, (key, kv) in enumerate(items):
+                if not all(present[i] for present in missing):
+                    blobs[key] = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret)
+            for tier, present in zip(self.byte_tiers, missing):
+                todo = [(key, blobs[key]) for key, hit in zip(keys, present) if not hit]
+                if todo:
+                    tier.put(todo)
         finally:
             if on_written is not None:
                 on_written()
