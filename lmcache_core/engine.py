@@ -187,8 +187,21 @@ class CacheEngine:
 
     # -- batched forms ----------------------------------------------------------------------------------
 
-    def lookup_batch(self, token_lists: Sequence, **kw) -> list[int]:
-        return [self.lookup(t, **kw) for t in token_lists]
+    def lookup_batch(self, token_lists: Sequence, *, mode: str = "prefix", namespace: str | None = None) -> list[int]:
+        """`lookup` for many requests with one batched call per tier (shared prefixes asked once)."""
+        per_request = [self.keys(t, mode=mode, namespace=namespace) for t in token_lists]
+        unique = list(dict.fromkeys(k for keys in per_request for k in keys))
+        where = dict(zip(unique, self.tiers.locate(unique)))
+        cs, hits = self.config.chunk_size, []
+        for keys in per_request:
+            run = 0
+            while run < len(keys) and where[keys[run]] is not None:
+                run += 1
+            hits.append(run * cs)
+            metrics.LOOKUPS.inc()
+            metrics.LOOKUP_TOKENS.inc(len(keys) * cs)
+            metrics.HIT_TOKENS.inc(run * cs)
+        return hits
 
     def retrieve_batch(self, token_lists: Sequence, **kw) -> list[tuple[int, torch.Tensor | None]]:
         return [self.retrieve(t, **kw) for t in token_lists]

@@ -227,3 +227,11 @@ def test_wait_claim_returns_hit_when_the_holder_stores():
     threading.Timer(0.05, lambda: e.store(toks, kv)).start()
     claim = e.wait_claim(toks, owner="waiter", timeout=5)
     assert (claim.state, claim.hit_tokens) == ("hit", 32)
+
+
+def test_lookup_batch_matches_lookup_one_by_one():
+    e = make_engine()
+    base = tokens(64, seed=1)
+    e.store(base, kv_for(64))
+    requests = [base, base[:40], base + tokens(30, seed=2), tokens(64, seed=3), base[:16] + tokens(48, seed=4), []]
+    assert e.lookup_batch(requests) == [e.lookup(r) for r in requests] == [64, 32, 64, 0, 16, 0]
