@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import Report, measure, print_table
+from bench.common import Report, emit, measure
 from kernels.quant import dequantize_kv, quantize_kv
 from kernels.shuffle import compress_kv_lossless, decompress_kv_lossless
 
@@ -226,15 +226,10 @@ def main(argv=None) -> Report:
     p.add_argument("--output", default=None, help="write the JSON report here")
     cfg = Config(**vars(p.parse_args(argv)))
     report = run(cfg)
-    print(json.dumps(report.machine))
     cols = ["codec", "ratio", "err_K", "err_V", "err_KV", "bit_exact", "enc_MBps", "dec_MBps"]
     if cfg.quality:
         cols += ["agree_prefix", "agree_overall", "prompts_identical", "margin_at_diverge"]
-    print_table(report.rows, cols)
-    for note in report.notes:
-        print(note)
-    report.write(cfg.output)
-    return report
+    return emit(report, cols, cfg.output)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,13 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def emit(report: Report, columns: list[str], output: str | None) -> Report:
+    """Print the machine, the table and the notes; write the JSON report to `output` when given."""
+    print(json.dumps(report.machine))
+    print_table(report.rows, columns)
+    for note in report.notes:
+        print(note)
+    report.write(output)
+    return report

@@ -10,12 +10,11 @@ GB/s counts bytes read plus bytes written (2x the staging bytes). Baselines meas
 """
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import Report, measure, print_table
+from bench.common import Report, emit, measure
 from kernels import KVLayout, gather_kv, scatter_kv
 
 
@@ -128,7 +127,6 @@ def run(cfg: Config) -> Report:
                     "scatter_vs_naive": gbps["scatter"] / gbps["naive_scatter"],
                     "timings": {k: asdict(t) for k, t in results.items()},
                 })
-            del caches
     return report
 
 
@@ -153,15 +151,9 @@ def main(argv=None) -> Report:
         args.update(layers=8, repeats=10)
     cfg = Config(**args)
     report = run(cfg)
-    print(json.dumps(report.machine))
-    print_table(report.rows, ["layout", "block_size", "order", "MB_moved", "copy_GBps", "copy_hot_GBps",
-                              "gather_GBps",
-                              "scatter_GBps", "naive_gather_GBps", "naive_scatter_GBps", "gather_vs_copy",
-                              "scatter_vs_copy", "gather_vs_naive", "scatter_vs_naive"])
-    for note in report.notes:
-        print(note)
-    report.write(cfg.output)
-    return report
+    return emit(report, ["layout", "block_size", "order", "MB_moved", "copy_GBps", "copy_hot_GBps", "gather_GBps",
+                         "scatter_GBps", "naive_gather_GBps", "naive_scatter_GBps", "gather_vs_copy",
+                         "scatter_vs_copy", "gather_vs_naive", "scatter_vs_naive"], cfg.output)
 
 
 if __name__ == "__main__":

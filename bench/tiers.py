@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import redis
 import torch
 
-from bench.common import Report, measure, print_table
+from bench.common import Report, emit, measure
 from lmcache_core import CacheConfig, CacheEngine, KVSpec
 from lmcache_core.keys import ChunkKey
 from lmcache_core.tiers.disk import DiskTier
@@ -205,12 +205,8 @@ def main(argv=None) -> Report:
     p.add_argument("--output", default=None)
     cfg = Config(**vars(p.parse_args(argv)))
     report = run(cfg)
-    print_table(report.rows, ["tier", "op", "MB", "ours_GBps", "baseline_GBps", "ratio", "ours_ms",
-                              "with_hashing_ms"])
-    for note in report.notes:
-        print(note)
-    report.write(cfg.output)
-    return report
+    return emit(report, ["tier", "op", "MB", "ours_GBps", "baseline_GBps", "ratio", "ours_ms", "with_hashing_ms"],
+                cfg.output)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from ._env import interpret_enabled, use_triton
-from .errors import KVLayoutError
 from .layout import KVLayout
 
 # GPU tiles: 8K elements (16 KB of bf16) per program, 4 warps; a starting point, not yet swept on a GPU.

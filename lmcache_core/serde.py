@@ -103,7 +103,7 @@ def unpack_header(buf, expected_key: bytes | None = None) -> Header:
         raise CorruptChunkError(f"truncated header: {len(view)} bytes, need {HEADER_BYTES}")
     fields = _FIXED.unpack_from(view)
     (magic, version, header_len, flags, key, dtype_code, ndim, codec_code, _reserved, *rest) = fields
-    dims, (position, *params), (sec0, sec1, payload_sum) = rest[:6], rest[6:11], rest[11:]
+    dims, (position, *params), (sec0, sec1, _payload_sum) = rest[:6], rest[6:11], rest[11:]
     if magic != MAGIC:
         raise CorruptChunkError(f"bad magic {bytes(magic)!r}")
     if version != VERSION:

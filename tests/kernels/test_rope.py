@@ -7,7 +7,6 @@ angle <= 5e-7 rad, cos/sin ~2 float32 ulps = 2.4e-7, two float32 roundings = 1.2
 """
 
 import itertools
-import math
 
 import pytest
 import torch
