@@ -230,7 +230,16 @@ def _row_index(pk: PagedKV, slots: torch.Tensor, width: int) -> torch.Tensor:
 def _rows(layer: torch.Tensor, width: int) -> torch.Tensor:
     """`layer` (a canonical view) seen as a 2-D tensor of rows of `width` contiguous elements."""
     last = sum((size - 1) * stride for size, stride in zip(layer.shape, layer.stride()))
-    return layer.as_strided((last // width + 1, width), (width, 1))
+    return _widest(layer.as_strided((last // width + 1, width), (width, 1)))
+
+
+def _widest(rows: torch.Tensor) -> torch.Tensor:
+    """Rows reinterpreted as int64 when their bytes allow: torch's index kernels move 8-byte elements
+    1.7x faster than 2-byte ones (bench.kernels, scatter on 2 CPU cores)."""
+    row_bytes = rows.shape[1] * rows.element_size()
+    if rows.element_size() < 8 and row_bytes % 8 == 0 and rows.data_ptr() % 8 == 0:
+        return rows.view(torch.int64)
+    return rows
 
 
 def gather_kv_ref(kv_caches, slot_mapping, layout, out=None, *, validate=True):
@@ -249,7 +258,8 @@ def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
     index = _row_index(pk, slots.clamp(min=0), width)
     out_ints = out.view(_INT_OF_SIZE[out.element_size()])
     for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
-        torch.index_select(_rows(layer, width), 0, index, out=dst)
+        rows = _rows(layer, width)
+        torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
     if pad.any():
         out_ints[:, :, pad] = 0
 
@@ -261,8 +271,9 @@ def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> N
     if not keep.all():
         slots, src = slots[keep], src[:, :, keep]
     index = _row_index(pk, slots, width)
-    for layer, rows in zip(pk.layers, src.reshape(pk.num_layers, -1, width)):
-        _rows(layer, width).index_copy_(0, index, rows)
+    for layer, values in zip(pk.layers, src.reshape(pk.num_layers, -1, width)):
+        rows = _rows(layer, width)
+        rows.index_copy_(0, index, values.view(rows.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
