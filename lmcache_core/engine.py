@@ -93,8 +93,18 @@ class CacheEngine:
 
     # -- keys -------------------------------------------------------------------------------------------
 
+    def _spec_from(self, kv: torch.Tensor) -> KVSpec:
+        """A spec from the first stored tensor, when none was given: the model is unnamed, so two models
+        of one geometry and dtype would share entries; pass spec= to CacheEngine to rule that out."""
+        log.warning("CacheEngine without spec=: keys use the KV geometry %s %s only (no model name)",
+                    tuple(kv.shape), kv.dtype)
+        mla = kv.dim() == 4
+        return KVSpec("unnamed", str(kv.dtype).removeprefix("torch."), "staging", kv.shape[0], kv.shape[1],
+                      1 if mla else kv.shape[3], kv.shape[-1], self.config.chunk_size)
+
     def keys(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> list[ChunkKey]:
-        """Keys of the full chunks of `token_ids` (empty until the KV spec is known)."""
+        """Keys of the full chunks of `token_ids` (empty until the KV spec is known: given at construction,
+        or taken from the first store)."""
         if self.spec is None:
             return []
         salt = self.config.cache_salt + ("\x00" + namespace if namespace else "")
@@ -103,11 +113,11 @@ class CacheEngine:
         return [ChunkKey(fingerprint, h) for h in hashes]
 
     def _check_kv(self, kv: torch.Tensor) -> None:
-        if not isinstance(kv, torch.Tensor) or kv.dim() < 3:
-            raise TypeError(f"kv: expected a staging tensor [L, KV, N, H, D], got {type(kv).__name__}")
+        if not isinstance(kv, torch.Tensor) or kv.dim() not in (4, 5):
+            raise TypeError(f"kv: expected a staging tensor [L, KV, N, H, D] ([L, 1, N, D] for MLA), got "
+                            f"{type(kv).__name__} {tuple(getattr(kv, 'shape', ()))}")
         if self.spec is None:
-            raise ValueError("the engine has no KVSpec yet: pass spec= to CacheEngine (model, dtype, layout, "
-                             "L, KV, H, D, chunk_size)")
+            self.spec = self._spec_from(kv)
         expected = self.spec.chunk_shape(kv.shape[2])
         if tuple(kv.shape) != expected or str(kv.dtype).removeprefix("torch.") != self.spec.dtype:
             raise ValueError(f"kv: expected shape {expected} and dtype {self.spec.dtype} (the engine's "
@@ -135,10 +145,10 @@ class CacheEngine:
         kv covers the first N tokens of `token_ids` (N >= the full chunks to store). pin=True keeps the new
         entries in memory for `hot_cache_ttl` (hot); `pin()` pins until `unpin()`.
         """
+        self._check_kv(kv)
         keys = self.keys(token_ids, mode=mode, namespace=namespace)
         if not keys:
             return 0
-        self._check_kv(kv)
         cs = self.config.chunk_size
         keys = keys[: kv.shape[2] // cs]
         with metrics.LATENCY.labels("store").time():

@@ -235,3 +235,14 @@ def test_lookup_batch_matches_lookup_one_by_one():
     e.store(base, kv_for(64))
     requests = [base, base[:40], base + tokens(30, seed=2), tokens(64, seed=3), base[:16] + tokens(48, seed=4), []]
     assert e.lookup_batch(requests) == [e.lookup(r) for r in requests] == [64, 32, 64, 0, 16, 0]
+
+
+def test_engine_without_spec_takes_it_from_the_first_store():
+    e = CacheEngine(CacheConfig(chunk_size=CS, max_local_cpu_size="1MB"), lock_timeout=0.5,
+                    fallback_on_timeout=True, device="cpu")
+    toks, kv = tokens(32), kv_for(32)
+    assert e.lookup(toks) == 0
+    assert e.store(toks, kv) == 32
+    n, out = e.retrieve(toks)
+    assert n == 32
+    assert_bytes_equal(out, kv, "spec from the first store")
