@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._env import use_triton
-from .paged_kv import _INT_OF_SIZE, PagedKV, _check_slots, gather_kv_ref, resolve_paged, scatter_kv_ref
+from .paged import _INT_OF_SIZE, PagedKV, _check_slots, resolve_paged
+from .paged_kv import gather_kv_ref, scatter_kv_ref
 from .quant import (_CODEC_ID, _QMAX, FLOAT_DTYPES, QuantizedKV, dequantize_kv_ref, empty_quantized, make_meta,
                     quantize_kv_ref)
 
