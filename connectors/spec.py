@@ -1,0 +1,122 @@
+"""What the connector derives from vLLM's configuration: the cache settings and the KVSpec.
+
+Both halves compute the KVSpec from the same configuration (the worker then checks it against the tensors
+it is handed), so a scheduler in another process finds the keys the workers stored.
+"""
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kernels import KVLayoutError
+from lmcache_core import CacheConfig, ConfigError, KVSpec
+
+from .layouts import DetectedLayout, detect_layout, expected_logical_shape
+
+log = logging.getLogger(__name__)
+
+# kv_connector_extra_config keys the connector reads itself; every other key is a CacheConfig override.
+CONNECTOR_KEYS = ("kv_load_failure_policy",)
+FAILURE_POLICIES = ("recompute", "fail")
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    cache: CacheConfig
+    # A failed or unverifiable load: "recompute" (vLLM recomputes those blocks; default, a cache fault is a
+    # miss) or "fail" (vLLM fails the request, its own default for P/D transfers).
+    kv_load_failure_policy: str = "recompute"
+
+
+def load_settings(extra_config: Mapping[str, Any] | None) -> ConnectorSettings:
+    """CacheConfig.load(overrides=extra config minus the connector's own keys), plus those keys."""
+    extra = dict(extra_config or {})
+    own = {k: extra.pop(k) for k in CONNECTOR_KEYS if k in extra}
+    policy = own.get("kv_load_failure_policy", "recompute")
+    if policy not in FAILURE_POLICIES:
+        raise ConfigError(f"kv_connector_extra_config: kv_load_failure_policy: expected one of "
+                          f"{FAILURE_POLICIES}, got {policy!r}")
+    return ConnectorSettings(CacheConfig.load(overrides=extra), policy)
+
+
+def model_fingerprint(model_config) -> str:
+    """Model path/name, revision, weights dtype and quantization: what pins the weights that made the KV."""
+    parts = [str(model_config.model), f"rev={getattr(model_config, 'revision', None) or '-'}",
+             f"dtype={model_config.dtype}", f"quant={getattr(model_config, 'quantization', None) or '-'}"]
+    return "|".join(parts)
+
+
+def attention_spec(kv_cache_config):
+    """The one attention KV cache group's spec; other shapes (hybrid models) are refused."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise KVLayoutError(f"LMCacheCoreConnector supports models with one KV cache group (uniform full "
+                            f"attention); this model has {len(groups)} groups")
+    spec = groups[0].kv_cache_spec
+    if not all(hasattr(spec, a) for a in ("num_kv_heads", "head_size", "dtype", "block_size")):
+        raise KVLayoutError(f"LMCacheCoreConnector supports attention KV caches; got {type(spec).__name__}")
+    if getattr(spec, "sliding_window", None):
+        raise KVLayoutError("LMCacheCoreConnector does not support sliding-window attention caches")
+    head_size_v = getattr(spec, "head_size_v", None)
+    if head_size_v not in (None, 0, spec.head_size):
+        raise KVLayoutError(f"LMCacheCoreConnector needs equal K and V head sizes, got {spec.head_size} and "
+                            f"{head_size_v}")
+    return spec
+
+
+def is_mla(attn_spec) -> bool:
+    return type(attn_spec).__name__.startswith("MLA")
+
+
+def backend_name(vllm_config) -> str:
+    """The attention backend every layer uses (vLLM's own lookup, as the NIXL connector does)."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
+
+    names = sorted({b.get_name() for b in get_current_attn_backends(vllm_config)})
+    if len(names) != 1:
+        raise KVLayoutError(f"LMCacheCoreConnector needs one attention backend for all layers, got {names}")
+    return names[0]
+
+
+def vllm_layout_name(vllm_config, kv_cache_config) -> str | None:
+    return getattr(kv_cache_config, "kv_cache_layout", None) or vllm_config.cache_config.kv_cache_layout
+
+
+def configured_layout(vllm_config, kv_cache_config) -> DetectedLayout:
+    """Our layout as the configuration predicts it (no tensor needed)."""
+    spec = attention_spec(kv_cache_config)
+    shape = expected_logical_shape(kv_cache_config.num_blocks, spec.num_kv_heads, spec.block_size,
+                                   spec.head_size, is_mla(spec))
+    return detect_layout(backend_name(vllm_config), shape, vllm_layout_name(vllm_config, kv_cache_config))
+
+
+def _cpu_isa(vllm_config, attn) -> str:
+    """The CPU attention kernels' ISA (it decides the bytes' order inside a block), as vLLM picks it."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(attn.dtype, attn.block_size, attn.head_size, vllm_config.cache_config.cache_dtype)
+
+
+def kv_spec(vllm_config, kv_cache_config, cache: CacheConfig, layout: DetectedLayout, tp_rank: int) -> KVSpec:
+    """The KVSpec both halves key chunks with. Whole-block layouts must have chunks of whole blocks."""
+    spec = attention_spec(kv_cache_config)
+    mla = is_mla(spec)
+    name = layout.name
+    if layout.whole_blocks:
+        if cache.chunk_size % spec.block_size:
+            raise ConfigError(f"chunk_size: the {name} layout can only move whole blocks, so chunk_size must be "
+                              f"a multiple of vLLM's block size {spec.block_size}; got {cache.chunk_size}")
+        name = f"{name}:isa={_cpu_isa(vllm_config, spec)}"
+    return KVSpec(
+        model=model_fingerprint(vllm_config.model_config),
+        dtype=str(spec.dtype).removeprefix("torch."),
+        layout=name,
+        num_layers=len(kv_cache_config.kv_cache_groups[0].layer_names),
+        num_kv=1 if mla else 2,
+        num_heads=1 if mla else spec.num_kv_heads,
+        head_dim=spec.head_size,
+        chunk_size=cache.chunk_size,
+        tp_rank=tp_rank,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+    )
