@@ -2,11 +2,9 @@
 converted once to float32 safetensors (vLLM CPU does not load GGUF), with text prompts: cold then warm in a
 fresh LLM, outputs identical to the same prompts without the connector."""
 
-
-from bench.models import smollm2_dir
-
 import pytest
 
+from bench.models import smollm2_dir
 from tests.connectors.vllm_helpers import (
     SAMPLING, assert_same_outputs, expected_hit, make_llm, run, shutdown, worker_half,
 )
