@@ -39,7 +39,7 @@ class SaveSpec:
     token_ids: list[int]
     namespace: str | None
     slots: torch.Tensor  # int64 [len(token_ids)]
-    first_new_chunk: int  # chunks before it were already stored (for the statistics only)
+    first_new_chunk: int  # chunks before it were stored in an earlier step: gathered and stored from here
 
 
 @dataclass

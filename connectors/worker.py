@@ -121,18 +121,19 @@ class WorkerHalf:
 
     def _load_one(self, spec) -> None:
         engine, device = self.engine, self.engine.device
-        staging = torch.empty(engine.spec.chunk_shape(len(spec.token_ids)), dtype=getattr(torch, engine.spec.dtype),
+        base = spec.start // engine.config.chunk_size * engine.config.chunk_size  # chunk holding spec.start
+        staging = torch.empty(engine.spec.chunk_shape(spec.end - base), dtype=getattr(torch, engine.spec.dtype),
                               device=device)
         try:
-            got, _ = engine.retrieve(spec.token_ids, namespace=spec.namespace, out=staging)
+            got, _ = engine.retrieve(spec.token_ids, start=base, namespace=spec.namespace, out=staging)
         except Exception as e:  # a tier fault is a miss, never an error for the request
             log.warning("lmcache: retrieve for request %s failed: %r", spec.req_id, e)
             got = 0
-        good = max(spec.start, min(got, spec.end))
+        good = max(spec.start, min(base + got, spec.end))
         slots = spec.slots.to(device)
         if good > spec.start:
-            scatter_kv(staging[:, :, spec.start:good], self.caches, slots[: good - spec.start], self.layout,
-                       validate=False)
+            scatter_kv(staging[:, :, spec.start - base:good - base], self.caches, slots[: good - spec.start],
+                       self.layout, validate=False)
         if good < spec.end:  # never leave stale bytes where vLLM was promised KV: zero them, then report
             bad = slots[good - spec.start:]
             zeros = torch.zeros(engine.spec.chunk_shape(bad.numel()), dtype=staging.dtype, device=device)
@@ -153,9 +154,10 @@ class WorkerHalf:
         for spec in meta.saves:
             if spec.req_id in self._no_saves:
                 continue  # its new KV attended to tokens that did not load: never store it
-            kv = gather_kv(self.caches, spec.slots.to(self.engine.device), self.layout, validate=False)
+            first = spec.first_new_chunk * cs  # chunks before it were stored in an earlier step
+            kv = gather_kv(self.caches, spec.slots[first:].to(self.engine.device), self.layout, validate=False)
             try:
-                self.engine.store(spec.token_ids, kv, namespace=spec.namespace)
+                self.engine.store(spec.token_ids, kv, start=first, namespace=spec.namespace)
             except Exception as e:  # a full or failing tier loses a cache entry, not the request
                 log.warning("lmcache: store for request %s failed: %r", spec.req_id, e)
                 continue

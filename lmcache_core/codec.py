@@ -5,7 +5,8 @@ Codecs: `none` (raw bytes), `zstd` (lossless: byte planes split by `kernels.shuf
 (`kernels.quantize_kv`: data and scales as the payload's two sections, grouping in the codec parameters).
 """
 
-import numpy as np
+import math
+
 import torch
 import zstandard
 
@@ -15,7 +16,7 @@ from kernels.quant import dequantize_kv_ref as dequantize_kv
 from kernels.quant import quantize_kv_ref as quantize_kv
 from kernels.shuffle import shuffle_bytes_ref as shuffle_bytes
 from kernels.shuffle import unshuffle_bytes_ref as unshuffle_bytes
-from kernels.quant import QuantizedKV, QuantMeta, empty_quantized
+from kernels.quant import TOKEN_TILE, QuantizedKV, QuantMeta, empty_quantized
 
 from . import serde
 from .errors import CorruptChunkError
@@ -47,20 +48,27 @@ def encode(key: bytes, kv: torch.Tensor, codec: str, *, position: int = -1, leve
 
 
 def _tensor(buf, dtype: torch.dtype, shape) -> torch.Tensor:
-    expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(buf) != expected:
         raise CorruptChunkError(f"section holds {len(buf)} bytes, shape {tuple(shape)} of {dtype} needs {expected}")
     return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(dtype).view(tuple(shape))
 
 
-def decode(buf, key: bytes, *, secret: bytes | None = None) -> tuple[torch.Tensor, int]:
-    """Verify and decode stored bytes into (staging tensor on CPU, position). Raises CorruptChunkError."""
+def decode(buf, key: bytes, *, secret: bytes | None = None,
+           expect: tuple[tuple[int, ...], torch.dtype] | None = None) -> tuple[torch.Tensor, int]:
+    """Verify and decode stored bytes into (staging tensor on CPU, position). Raises CorruptChunkError.
+
+    expect: the (shape, dtype) the reader needs. A header that says otherwise is rejected before anything is
+    decoded or allocated: its checksums prove only that someone wrote it, and a forged shape would otherwise
+    size the output (or be broadcast into the reader's buffer)."""
     header, payload = serde.unpack(buf, key, secret=secret)
     dtype, shape = header.dtype, header.shape
+    if expect is not None and (shape, dtype) != (tuple(expect[0]), expect[1]):
+        raise CorruptChunkError(f"chunk says {dtype} {shape}, the reader expects {expect[1]} {tuple(expect[0])}")
     if header.codec == "none":
         return _tensor(payload, dtype, shape), header.position
+    esize, numel = torch.empty((), dtype=dtype).element_size(), math.prod(shape)  # exact (np.prod wraps)
     if header.codec == "zstd":
-        esize, numel = torch.empty((), dtype=dtype).element_size(), int(np.prod(shape))
         size = esize * numel
         if size > _MAX_CHUNK_BYTES:
             raise CorruptChunkError(f"shape {shape} is implausibly large for one chunk")
@@ -76,6 +84,13 @@ def decode(buf, key: bytes, *, secret: bytes | None = None) -> tuple[torch.Tenso
     grouping, token_tile, group_size, _ = header.params
     if grouping >= len(_K_GROUPING) or not token_tile or not group_size:
         raise CorruptChunkError(f"bad codec parameters {header.params}")
+    # Checked before QuantMeta: its scale layout loops over the KV dim, so a forged KV of 2**32 - 1 would
+    # allocate gigabytes before any length is compared with the payload.
+    staging = (len(shape) == 5 and shape[1] in (1, 2)) or (len(shape) == 4 and shape[1] == 1)
+    if not staging or esize * numel > _MAX_CHUNK_BYTES:
+        raise CorruptChunkError(f"shape {shape} is not a plausible staging chunk for codec {header.codec}")
+    if token_tile > max(TOKEN_TILE, shape[2]) or group_size > shape[-1]:  # both size the decoder's padding
+        raise CorruptChunkError(f"codec parameters {header.params} do not fit shape {shape}")
     try:
         meta = QuantMeta(header.codec, str(dtype).removeprefix("torch."), tuple(shape), _K_GROUPING[grouping],
                          token_tile, group_size)

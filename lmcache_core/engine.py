@@ -68,6 +68,7 @@ class CacheEngine:
         self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=codec,
                                level=cfg.compression_level, write_policy=cfg.write_policy, secret=secret,
                                device=self.device)
+        self.tiers.expect = self._chunk_layout()
         metrics.register(self, cfg.metrics_port)
 
     # -- construction -----------------------------------------------------------------------------------
@@ -102,6 +103,11 @@ class CacheEngine:
         return KVSpec("unnamed", str(kv.dtype).removeprefix("torch."), "staging", kv.shape[0], kv.shape[1],
                       1 if mla else kv.shape[3], kv.shape[-1], self.config.chunk_size)
 
+    def _chunk_layout(self) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """(shape, dtype) of every chunk this engine stores: byte tiers reject chunks that say otherwise."""
+        dtype = getattr(torch, self.spec.dtype, None) if self.spec is not None else None
+        return (self.spec.chunk_shape(), dtype) if isinstance(dtype, torch.dtype) else None
+
     def keys(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> list[ChunkKey]:
         """Keys of the full chunks of `token_ids` (empty until the KV spec is known: given at construction,
         or taken from the first store)."""
@@ -118,6 +124,7 @@ class CacheEngine:
                             f"{type(kv).__name__} {tuple(getattr(kv, 'shape', ()))}")
         if self.spec is None:
             self.spec = self._spec_from(kv)
+            self.tiers.expect = self._chunk_layout()
         expected = self.spec.chunk_shape(kv.shape[2])
         if tuple(kv.shape) != expected or str(kv.dtype).removeprefix("torch.") != self.spec.dtype:
             raise ValueError(f"kv: expected shape {expected} and dtype {self.spec.dtype} (the engine's "
@@ -138,19 +145,26 @@ class CacheEngine:
         metrics.HIT_TOKENS.inc(len(run) * cs)
         return len(run) * cs
 
-    def store(self, token_ids, kv: torch.Tensor, *, pin: bool = False, mode: str = "prefix",
-              namespace: str | None = None) -> int:
-        """Store the full chunks of `token_ids` from staging `kv` [L, KV, N, H, D]; returns tokens stored.
+    def _start_chunk(self, start: int) -> int:
+        cs = self.config.chunk_size
+        if not isinstance(start, int) or start < 0 or start % cs:
+            raise ValueError(f"start: expected a token position that is a multiple of chunk_size={cs}, got {start!r}")
+        return start // cs
 
-        kv covers the first N tokens of `token_ids` (N >= the full chunks to store). pin=True keeps the new
-        entries in memory for `hot_cache_ttl` (hot); `pin()` pins until `unpin()`.
+    def store(self, token_ids, kv: torch.Tensor, *, start: int = 0, pin: bool = False, mode: str = "prefix",
+              namespace: str | None = None) -> int:
+        """Store full chunks of `token_ids` from staging `kv` [L, KV, N, H, D]; returns tokens stored.
+
+        kv holds the tokens from `start` (a multiple of chunk_size; chunks before it are not touched) to
+        start + N; the chunks that lie wholly inside are stored. pin=True keeps the new entries in memory
+        for `hot_cache_ttl` (hot); `pin()` pins until `unpin()`.
         """
         self._check_kv(kv)
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        first = self._start_chunk(start)
+        cs = self.config.chunk_size
+        keys = self.keys(token_ids, mode=mode, namespace=namespace)[first: first + kv.shape[2] // cs]
         if not keys:
             return 0
-        cs = self.config.chunk_size
-        keys = keys[: kv.shape[2] // cs]
         with metrics.LATENCY.labels("store").time():
             # Every chunk goes down: a tier that already holds one skips it (memory tiers refresh its
             # recency; byte tiers are asked before anything is encoded), so a tier that lost it, like a
@@ -165,11 +179,13 @@ class CacheEngine:
         metrics.STORED_TOKENS.inc(len(items) * cs)
         return len(keys) * cs
 
-    def retrieve(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
+    def retrieve(self, token_ids, *, start: int = 0, mode: str = "prefix", namespace: str | None = None,
                  out: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
-        """(n, kv): the KV `[L, KV, n, H, D]` of the leading n available tokens, on the engine's device."""
+        """(n, kv): KV `[L, KV, n, H, D]` of the n tokens available from `start` (a multiple of chunk_size;
+        0: the prompt's leading tokens) in a run of whole chunks, on the engine's device; (0, None) for none.
+        out: a staging buffer to fill (at least n tokens long)."""
         with metrics.LATENCY.labels("retrieve").time():
-            keys = self.keys(token_ids, mode=mode, namespace=namespace)
+            keys = self.keys(token_ids, mode=mode, namespace=namespace)[self._start_chunk(start):]
             run = self.tiers.leading_run(keys)
             if not run:
                 return 0, None

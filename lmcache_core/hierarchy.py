@@ -40,6 +40,9 @@ class TierStack:
         self._prefetching: dict[ChunkKey, Future] = {}
         self._lock = threading.Lock()
         self.corrupt = 0
+        # (shape, dtype) of every chunk of this cache, once the engine knows its KV spec: a byte-tier chunk
+        # whose (checksummed, but possibly forged) header says otherwise is corrupt, never copied out.
+        self.expect: tuple[tuple[int, ...], torch.dtype] | None = None
         if write_policy == "write_back":
             for upper, lower in zip(self.memory, self.memory[1:]):
                 upper.on_evict = lambda key, t, lower=lower: lower.put([(key, t)])
@@ -106,7 +109,7 @@ class TierStack:
             if buf is None:
                 continue
             try:
-                kv, _position = codec.decode(buf, key.raw, secret=self.secret)
+                kv, _position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect)
                 return kv
             except CorruptChunkError as e:
                 log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
