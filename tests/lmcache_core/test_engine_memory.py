@@ -252,10 +252,10 @@ def test_store_and_retrieve_from_a_chunk_boundary():
     e = make_engine()
     toks, kv = tokens(96), kv_for(96)
     assert e.store(toks, kv[:, :, :32]) == 32  # the first two chunks
-    assert e.store(toks, kv[:, :, 32:80], start=32) == 32  # chunks 2-3 from a later step; the tail is partial
-    assert e.lookup(toks) == 64
+    assert e.store(toks, kv[:, :, 32:88], start=32) == 48  # chunks 2-4 from a later step; 8 tokens left over
+    assert e.lookup(toks) == 80
     n, out = e.retrieve(toks, start=16)
-    assert n == 48
-    assert_bytes_equal(out, kv[:, :, 16:64], "from chunk 1")
+    assert n == 64
+    assert_bytes_equal(out, kv[:, :, 16:80], "from chunk 1")
     with pytest.raises(ValueError, match=r"start: expected a token position that is a multiple of chunk_size=16, got 5"):
         e.retrieve(toks, start=5)
