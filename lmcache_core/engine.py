@@ -201,8 +201,10 @@ class CacheEngine:
         return (got * cs, out) if got else (0, None)
 
     def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
-        """Pin the chunks held in memory tiers (never evicted until `unpin`); returns tokens pinned."""
+        """Pin the chunks (never evicted from L1/L2 until `unpin`); chunks found only on disk or in Redis are
+        brought into memory first. Returns tokens pinned (pinned bytes are capped by max_hot_ratio)."""
         keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        self.tiers.bring_into_memory(keys)
         pinned = [any(tier.pin([k])[0] for tier in self.tiers.memory) for k in keys]
         return sum(pinned) * self.config.chunk_size
 

@@ -122,6 +122,12 @@ class TierStack:
         for tier in self.memory[:above]:
             tier.put([(key, kv)])
 
+    def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
+        """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""
+        for key, t in zip(keys, self.locate(keys)):
+            if t is not None and t >= len(self.memory):
+                self._prefetch_one(key)
+
     # -- prefetch ---------------------------------------------------------------------------------------
 
     def prefetch(self, keys: Sequence[ChunkKey], where: Sequence[int]) -> None:

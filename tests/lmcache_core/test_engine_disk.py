@@ -134,3 +134,19 @@ def test_two_processes_share_one_directory(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, "load"], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "match", out.stderr[-2000:]
     here.close()
+
+
+def test_pin_brings_disk_chunks_into_memory(tmp_path):
+    toks, kv = tokens(32, seed=8), kv_for(32, seed=8)
+    with disk_engine(tmp_path) as e:
+        e.store(toks, kv)
+    fresh = disk_engine(tmp_path, l2_chunks=4, hot_hit_threshold=0)
+    assert fresh.stats()["L2"]["entries"] == 0
+    assert fresh.pin(toks) == 32
+    for s in range(6):  # churn L2: the pinned chunks stay
+        fresh.store(tokens(16, seed=100 + s), kv_for(16, seed=100 + s))
+    l3_hits = fresh.stats()["L3"]["hits"]
+    n, out = fresh.retrieve(toks)
+    assert n == 32 and fresh.stats()["L3"]["hits"] == l3_hits
+    assert_bytes_equal(out, kv, "pinned")
+    fresh.close()
