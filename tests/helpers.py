@@ -1,5 +1,7 @@
 """Assertions shared by the tests: they print where two tensors first differ."""
 
+import os
+
 import torch
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -36,3 +38,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
         f"{what}: {idx.shape[0]} of {a.numel()} elements outside atol={atol} rtol={rtol}; first at {first}: "
         f"actual {[a[i].item() for i in first]} expected {[e[i].item() for i in first]}"
     )
+
+
+REAL_KV_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smollm2_135m_kv_512.safetensors")
+
+
+def real_kv() -> torch.Tensor:
+    """512 tokens of SmolLM2-135M's real KV, `[L=30, 2, T=512, H=3, D=64]` bf16 (post-RoPE K), from the
+    shared/ folder that sits beside the repository (as in CI)."""
+    from safetensors.torch import load_file
+
+    assert os.path.exists(REAL_KV_FILE), f"{REAL_KV_FILE} is missing: shared/ must sit beside the repository"
+    return load_file(REAL_KV_FILE)["kv"]

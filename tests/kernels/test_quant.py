@@ -2,21 +2,28 @@
 the targets on real KV, and the fused gather + quantize / dequantize + scatter paths for every layout."""
 
 import json
-import os
 
 import pytest
 import torch
 
 from kernels import KVLayout, gather_kv, scatter_kv_ref
-from kernels.quant import (QuantizedKV, QuantMeta, dequantize_kv, dequantize_kv_ref, quantize_kv,
-                           quantize_kv_ref)
-from kernels.quant_paged import (gather_kv_quantized, gather_kv_quantized_ref, scatter_kv_dequantized,
-                                 scatter_kv_dequantized_ref)
-from tests.helpers import assert_bytes_equal
+from kernels.quant import (
+    QuantizedKV,
+    QuantMeta,
+    dequantize_kv,
+    dequantize_kv_ref,
+    quantize_kv,
+    quantize_kv_ref,
+)
+from kernels.quant_paged import (
+    gather_kv_quantized,
+    gather_kv_quantized_ref,
+    scatter_kv_dequantized,
+    scatter_kv_dequantized_ref,
+)
+from tests.helpers import assert_bytes_equal, real_kv
 from tests.kernels.test_paged_kv import layer_views, make_caches, random_slots
 
-KV_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                       "smollm2_135m_kv_512.safetensors")
 CODECS = ["int8", "fp8", "int4"]
 # Unit roundoff of the staging dtype (RNE: |fl(v) - v| <= u |v|): bf16 has 8 significant bits, fp16 11.
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}
@@ -133,12 +140,10 @@ def test_error_within_codec_bound(codec, dtype):
     assert (xd - xh).abs().max() > 0.05 * bound.max(), "the bound is loose to the point of meaning nothing"
 
 
-@pytest.mark.skipif(not os.path.exists(KV_FILE), reason="real KV file not present (shared/data)")
 def test_error_targets_on_real_kv(device):
     """The issue's targets on SmolLM2-135M's real post-RoPE KV: ratio vs bf16 (scales counted), rel. L2."""
-    from safetensors.torch import load_file
 
-    kv = load_file(KV_FILE)["kv"].to(device)
+    kv = real_kv().to(device)
     targets = {"int8": (1.9, 0.01), "fp8": (1.9, 0.03), "int4": (3.5, 0.08)}
     for codec, (min_ratio, max_err) in targets.items():
         q = quantize_kv_ref(kv, codec)

@@ -1,16 +1,19 @@
 """Lossless codec: byte planes (Triton == torch reference, MSB plane first) and zstd, bit-exact round trips."""
 
-import os
 
 import pytest
 import torch
 
-from kernels.shuffle import (compress_kv_lossless, decompress_kv_lossless, shuffle_bytes, shuffle_bytes_ref,
-                             unshuffle_bytes, unshuffle_bytes_ref)
-from tests.helpers import assert_bytes_equal
+from kernels.shuffle import (
+    compress_kv_lossless,
+    decompress_kv_lossless,
+    shuffle_bytes,
+    shuffle_bytes_ref,
+    unshuffle_bytes,
+    unshuffle_bytes_ref,
+)
+from tests.helpers import assert_bytes_equal, real_kv
 
-KV_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                       "smollm2_135m_kv_512.safetensors")
 SPECIAL_BITS = {  # NaN payloads (quiet, signalling, negative), +-inf, -0.0, the smallest subnormals
     torch.bfloat16: [0x7FC1, 0x7F81, 0xFFC5, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001],
     torch.float16: [0x7E01, 0x7C01, 0xFE03, 0x7C00, 0xFC00, 0x8000, 0x0001, 0x8001],
@@ -79,13 +82,11 @@ def test_empty_and_bad_arguments():
         decompress_kv_lossless(blob, torch.bfloat16, (5,))
 
 
-@pytest.mark.skipif(not os.path.exists(KV_FILE), reason="real KV file not present (shared/data)")
 def test_real_kv_ratio_beats_plain_zstd():
     """The issue's target: >= 1.4x on real bf16 KV, bit-exact; plain zstd-1 on the raw bytes is the baseline."""
     import zstandard
-    from safetensors.torch import load_file
 
-    kv = load_file(KV_FILE)["kv"]
+    kv = real_kv()
     blob = compress_kv_lossless(kv, level=1)
     assert_bytes_equal(decompress_kv_lossless(blob, kv.dtype, kv.shape), kv, "real KV round trip")
     ratio = kv.numel() * 2 / len(blob)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lmcache_core import codec, serde
 from lmcache_core.errors import CorruptChunkError
-from tests.helpers import assert_bytes_equal
+from tests.helpers import assert_bytes_equal, real_kv
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -33,9 +33,7 @@ def test_lossless_codecs_round_trip_bit_exact(name, dtype):
 
 
 def test_zstd_compresses_real_kv():
-    from safetensors.torch import load_file
-
-    kv = load_file("../shared/data/smollm2_135m_kv_512.safetensors")["kv"][:, :, :256]  # [L, 2, T, H, D]
+    kv = real_kv()[:, :, :256]  # [L, 2, T, H, D]
     blob = codec.encode(KEY, kv, "zstd", level=3)
     assert kv.nbytes / len(blob) > 1.4, f"ratio {kv.nbytes / len(blob):.2f}"
     assert_bytes_equal(codec.decode(blob, KEY)[0], kv, "real kv")
