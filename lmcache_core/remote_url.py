@@ -166,6 +166,13 @@ class RemoteURL:
 
 def parse_remote_url(url: str) -> RemoteURL:
     """Parse `url` (see the module docstring for the forms); raise ConfigError when it is malformed."""
+    try:
+        return _parse(url)
+    except ConfigError as e:
+        raise ConfigError(_without_password(str(e), url)) from None
+
+
+def _parse(url: str) -> RemoteURL:
     if not isinstance(url, str):
         raise ConfigError(f"remote URL: expected a string, got {type(url).__name__}")
     if "://" not in url:
@@ -330,13 +337,26 @@ def _decode(text: str, what: str) -> str:
 
 
 def _redact(url: str) -> str:
-    """url with everything between the user name and the last '@' of the authority replaced by ***."""
+    """url with everything between the user name and the URL's last '@' replaced by ***. Not the last '@'
+    of the authority: a password written with '#', '/' or '?' unencoded would end the authority early."""
     scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
-    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    userinfo, at, host = rest[:end].rpartition("@")
+    userinfo, at, tail = rest.rpartition("@")
     if not at:
         return url
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:{_MASK}@{host}{rest[end:]}"
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:{_MASK}@{tail}"
+
+
+def _without_password(message: str, url) -> str:
+    """`message`, or a generic one when the user info holds an unencoded '/', '?' or '#': the parser then cuts
+    the authority inside the password, and pieces of it can land in the host, port, path or query an error
+    names. Otherwise the user info is parsed whole and no message shows it but through `_redact`."""
+    if not isinstance(url, str) or "@" not in url:
+        return message
+    rest = url.partition("://")[2] or url
+    if not re.search(r"[/?#]", rest[: rest.rfind("@")]):
+        return message
+    return (f"remote URL {_redact(url)!r} is malformed; percent-encode reserved characters in the user name and "
+            "password (%23 for '#', %2F for '/', %3F for '?', %40 for '@')")
 
 
 def _did_you_mean(word: str, choices) -> str:

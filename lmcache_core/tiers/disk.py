@@ -233,19 +233,39 @@ class DiskTier(Tier[bytes]):
             return TierUsage(self._used + self._reserved, self.capacity, len(self._entries))
 
     def clear(self) -> None:
-        """Remove every chunk file and temp file under the root (other files are left alone)."""
+        """Remove every chunk file and temp file under the root (other files are left alone).
+
+        Each file leaves the index only once it is unlinked: writes racing with clear() never get room that
+        the disk does not have yet (forgetting the index first let the directory reach twice the cap)."""
         with self._lock:
-            self._entries.clear()
-            self._heap.clear()
-            self._used, self._epoch = 0, self._epoch + 1
+            before, self._epoch = dict(self._entries), self._epoch + 1
         try:
             listing = self._walk()
         except OSError as err:
             self._fault(err)
             return
         for sub, entry in listing:
-            if _CHUNK_RE.match(entry.name) or _TMP_RE.match(entry.name):
+            if _TMP_RE.match(entry.name):
                 self._unlink(sub, entry.name)
+            elif _CHUNK_RE.match(entry.name):
+                name = entry.name[: -len(_SUFFIX)]
+                with self._lock:
+                    e = self._entries.get(name)
+                    rewritten = e is not None and e is not before.get(name)
+                    if rewritten or name in self._writing or name in self._doomed:
+                        continue  # written since clear() began, or being removed by another call
+                    self._doomed.add(name)  # no put of this name until it is gone
+                self._unlink(sub, entry.name)
+                with self._lock:
+                    self._doomed.discard(name)
+                    if e is not None and self._entries.get(name) is e:
+                        self._drop(name)
+                    self._seq += 1
+                    self._removed[name] = self._seq
+        with self._lock:  # indexed files that were gone already
+            for name, e in before.items():
+                if self._entries.get(name) is e:
+                    self._drop(name)
 
     def close(self) -> None:
         """Stop the maintenance thread (idempotent). The tier stays usable, without rescans or sweeps."""
