@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m bench.kernels --quick
+	$(BIN)/python -m bench.ttft --output results/ttft.json --plot results/ttft.png
 
 test: $(STAMP)
 	bash scripts/ensure_redis.sh $(VENV)
