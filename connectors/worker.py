@@ -122,8 +122,9 @@ class WorkerHalf:
     def _load_one(self, spec) -> None:
         engine, device = self.engine, self.engine.device
         base = spec.start // engine.config.chunk_size * engine.config.chunk_size  # chunk holding spec.start
-        staging = torch.empty(engine.spec.chunk_shape(spec.end - base), dtype=getattr(torch, engine.spec.dtype),
-                              device=device)
+        cs = engine.config.chunk_size
+        span = -(-(len(spec.token_ids) - base) // cs) * cs  # retrieve fills whole chunks, past spec.end too
+        staging = torch.empty(engine.spec.chunk_shape(span), dtype=getattr(torch, engine.spec.dtype), device=device)
         try:
             got, _ = engine.retrieve(spec.token_ids, start=base, namespace=spec.namespace, out=staging)
         except Exception as e:  # a tier fault is a miss, never an error for the request

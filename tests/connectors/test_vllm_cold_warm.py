@@ -76,3 +76,28 @@ def test_with_vllm_prefix_caching(tiny_model, reference):
     assert [o.num_cached_tokens for o in full] == [max(a, b) for a, b in zip(local, ours)]
     assert loaded == sum(max(0, b - a) for a, b in zip(local, ours)) > 0
     assert len(registry.engines()) == 1
+
+
+def test_load_ending_inside_a_chunk(tiny_model):
+    """chunk 256 over 128-token blocks: a repeated 512-token prompt loads 384 tokens, which end inside the
+    second chunk; retrieve still fills whole chunks, so the staging buffer must hold them."""
+    import random
+
+    from tests.connectors.vllm_helpers import random_tokens
+
+    extra = {"chunk_size": 256, "max_local_cpu_size": "64MB", "cache_salt": "inside-a-chunk"}
+    prompt = [random_tokens(random.Random(42), 512)]
+    llm = make_llm(tiny_model, extra)
+    try:
+        cold = run(llm, prompt)
+    finally:
+        shutdown(llm)
+    llm = make_llm(tiny_model, extra)
+    try:
+        warm = run(llm, prompt)
+        totals = dict(worker_half().stats.totals)
+    finally:
+        shutdown(llm)
+    assert_same_outputs(cold, warm, "repeat")
+    assert warm[0].num_cached_tokens == expected_hit(512, 256) == 384
+    assert not totals.get("load_failed_tokens")
