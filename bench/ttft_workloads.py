@@ -162,8 +162,8 @@ def rag(corpus: Corpus, passages: int, passage_tokens: int, questions: int, per_
         tokens = [t for p in order for t in texts[p] + sep] + _question(corpus, i)
         measured.append(Request(f"passages {order} q {i}", tuple(tokens)))
     warmup = [Request(f"passage {p}", tuple(t)) for p, t in enumerate(texts)]
-    note = (f"rag: each prompt holds {k} passages; prefix reuse can match only the first one "
-            f"(~{100 // k}% of the passage tokens)")
+    note = (f"rag: each prompt holds {k} of {passages} passages; prefix reuse matches the first one, and more "
+            "only where an earlier prompt began with the same passages in the same order")
     return Workload("rag", tuple(warmup), tuple(measured), (note,))
 
 
