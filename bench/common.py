@@ -54,6 +54,33 @@ def measure(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3,
     return Timing(statistics.median(samples), q[0], q[3], warmup_s, repeats)
 
 
+def measure_together(fns: dict[str, Callable[[], Any]], *, repeats: int = 20, warmup: int = 3,
+                     device: torch.device | str | None = None) -> dict[str, Timing]:
+    """`measure` for several functions whose ratios matter, interleaved: each repeat runs every function
+    once, so load from other processes on a shared machine slows all of them alike."""
+    warmup_s = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        warmup_s[name] = time.perf_counter() - t0
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - t)
+    out = {}
+    for name, got in samples.items():
+        got.sort()
+        q = statistics.quantiles(got, n=5, method="inclusive") if len(got) > 1 else got * 4
+        out[name] = Timing(statistics.median(got), q[0], q[3], warmup_s[name], repeats)
+    return out
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import Report, emit, measure
+from bench.common import Report, emit, measure_together
 from kernels import KVLayout, gather_kv, scatter_kv
 
 
@@ -27,7 +27,7 @@ class Config:
     cache_tokens: int = 8192  # slots in the paged cache the chunk is drawn from
     block_sizes: tuple[int, ...] = (16, 128)
     layouts: tuple[str, ...] = ("flash_attn", "flash_attn_hnd", "vllm_cpu")
-    orders: tuple[str, ...] = ("contiguous", "shuffled")
+    orders: tuple[str, ...] = ("contiguous", "blocks", "shuffled")
     dtype: str = "bfloat16"
     repeats: int = 20
     device: str = "auto"
@@ -41,12 +41,17 @@ def _caches(layout: KVLayout, cfg: Config, block_size: int, dtype, device):
 
 
 def _slots(cfg: Config, block_size: int, order: str, device) -> torch.Tensor:
-    if order == "contiguous":  # one request's blocks, in order, from the middle of the cache
+    """contiguous: one request's blocks in order, from the middle of the cache; blocks: whole blocks in a
+    random order (a paged request after churn: how an engine hands slots over); shuffled: tokens of random
+    blocks in a random order (the worst case: every token its own row)."""
+    if order == "contiguous":
         start = (cfg.cache_tokens // 2) // block_size * block_size
         return torch.arange(start, start + cfg.tokens, device=device)
+    if order not in ("blocks", "shuffled"):
+        raise ValueError(f"--orders: expected contiguous, blocks or shuffled, got {order!r}")
     blocks = torch.randperm(cfg.cache_tokens // block_size, device=device)[: -(-cfg.tokens // block_size)]
     slots = (blocks[:, None] * block_size + torch.arange(block_size, device=device)).reshape(-1)[: cfg.tokens]
-    return slots[torch.randperm(cfg.tokens, device=device)]
+    return slots if order == "blocks" else slots[torch.randperm(cfg.tokens, device=device)]
 
 
 def _contiguous_runs(caches, staging):
@@ -104,19 +109,14 @@ def run(cfg: Config) -> Report:
                 moved = 2 * staging.numel() * staging.element_size()  # read + write
                 flat_src = torch.empty_like(staging)
                 runs = _contiguous_runs(caches, staging)
-                results = {
-                    "copy": measure(lambda: [dst.copy_(src) for src, dst in runs], repeats=cfg.repeats,
-                                    device=device),
-                    "copy_hot": measure(lambda: staging.copy_(flat_src), repeats=cfg.repeats, device=device),
-                    "gather": measure(lambda: gather_kv(caches, slots, layout, out=staging, validate=False),
-                                      repeats=cfg.repeats, device=device),
-                    "scatter": measure(lambda: scatter_kv(staging, caches, slots, layout, validate=False),
-                                       repeats=cfg.repeats, device=device),
-                    "naive_gather": measure(lambda: _naive_gather(caches, slots, layout, staging),
-                                            repeats=cfg.repeats, device=device),
-                    "naive_scatter": measure(lambda: _naive_scatter(staging, caches, slots, layout),
-                                             repeats=cfg.repeats, device=device),
-                }
+                results = measure_together({
+                    "copy": lambda: [dst.copy_(src) for src, dst in runs],
+                    "copy_hot": lambda: staging.copy_(flat_src),
+                    "gather": lambda: gather_kv(caches, slots, layout, out=staging, validate=False),
+                    "scatter": lambda: scatter_kv(staging, caches, slots, layout, validate=False),
+                    "naive_gather": lambda: _naive_gather(caches, slots, layout, staging),
+                    "naive_scatter": lambda: _naive_scatter(staging, caches, slots, layout),
+                }, repeats=cfg.repeats, device=device)
                 gbps = {k: t.rate(moved) / 1e9 for k, t in results.items()}
                 report.rows.append({
                     "layout": name, "block_size": block_size, "order": order, "MB_moved": moved / 1e6,

@@ -65,9 +65,19 @@ def _paged_kv_copy_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pure-torch reference: the CPU production path and the tests' oracle. One index_select per layer over a
-# view of the cache as rows of its widest contiguous run (H*D when heads are dense, else D), no token loop.
+# Pure-torch reference: the CPU production path and the tests' oracle. No token loop. Three strategies, the
+# first that applies (bench.kernels measures each against a plain copy):
+# - block rows: the slots are whole blocks, each in order (how an engine's slots for a request look), and
+#   a block's tokens are one contiguous slab of the cache (NHD layouts): one index_select/index_copy_ per
+#   layer over rows of BS*H*D elements, as fast as a copy;
+# - block runs: whole blocks in few runs of consecutive blocks (HND layouts, vLLM's CPU layout): one strided
+#   copy per run and layer, which transposes [H, BS, D] to [BS, H, D] on the way;
+# - token rows: any slots: one index_select/index_copy_ per layer over rows of the cache's widest contiguous
+#   run (H*D when heads are dense, else D).
 # ---------------------------------------------------------------------------------------------------------
+
+# A strided copy costs a few microseconds of dispatch; runs moving less than this per layer go by token rows.
+_MIN_RUN_BYTES = 128 * 1024
 
 
 def _row_width(pk: PagedKV) -> int:
@@ -116,6 +126,58 @@ def _widest(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _whole_blocks(pk: PagedKV, slots: torch.Tensor) -> torch.Tensor | None:
+    """The block ids when `slots` is whole blocks, each block's slots in order (no padding); else None."""
+    bs = pk.block_size
+    if slots.numel() % bs:
+        return None
+    grid = slots.view(-1, bs)
+    first = grid[:, 0]
+    if bool((first < 0).any()) or bool((first % bs).any()):
+        return None
+    if not torch.equal(grid - first[:, None], torch.arange(bs, dtype=slots.dtype, device=slots.device).expand_as(grid)):
+        return None
+    return first // bs
+
+
+def _block_slab_width(pk: PagedKV) -> int | None:
+    """Elements in one (kv, block) slab when it is contiguous in [BS, H, D] order (as in staging); else None."""
+    row = pk.num_heads * pk.head_dim
+    width = pk.block_size * row
+    dense_heads = pk.num_heads == 1 or pk.stride_head == pk.head_dim
+    if (pk.stride_dim == 1 and dense_heads and pk.stride_slot == row and pk.stride_block % width == 0
+            and (pk.num_kv == 1 or pk.stride_kv % width == 0)):
+        return width
+    return None
+
+
+def _block_rows_index(pk: PagedKV, blocks: torch.Tensor, width: int) -> torch.Tensor:
+    kv = torch.arange(pk.num_kv, device=blocks.device) * pk.stride_kv
+    return ((kv[:, None] + blocks.to(torch.int64)[None, :] * pk.stride_block) // width).reshape(-1)
+
+
+def _block_runs(pk: PagedKV, blocks: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(first block, number of blocks, first token) of each run of consecutive blocks, when the runs are
+    few enough that one strided copy per run and layer beats token rows; else None."""
+    breaks = (torch.nonzero(blocks[1:] != blocks[:-1] + 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    layer_bytes = blocks.numel() * pk.block_size * pk.num_kv * pk.num_heads * pk.head_dim * pk.base.element_size()
+    if layer_bytes < _MIN_RUN_BYTES * len(starts):
+        return None
+    firsts = blocks[starts].tolist()
+    ends = [*breaks, blocks.numel()]
+    return [(b, end - start, start * pk.block_size) for b, start, end in zip(firsts, starts, ends)]
+
+
+def _run_views(pk: PagedKV, staging: torch.Tensor, runs):
+    """(cache view, staging view) pairs, both [KV, n, BS, H, D], for every layer and run."""
+    stage = staging.view(_INT_OF_SIZE[staging.element_size()]).view(
+        pk.num_layers, pk.num_kv, -1, pk.block_size, pk.num_heads, pk.head_dim)
+    for layer, dst in zip(pk.layers, stage):
+        for block, count, token in runs:
+            yield layer[:, block:block + count], dst[:, token // pk.block_size:token // pk.block_size + count]
+
+
 def gather_kv_ref(kv_caches, slot_mapping, layout, out=None, *, validate=True):
     """`gather_kv` on the pure-torch path (the CPU production path and the tests' oracle)."""
     return _gather(kv_caches, slot_mapping, layout, out, validate, backend="torch")
@@ -127,10 +189,24 @@ def scatter_kv_ref(staging, kv_caches, slot_mapping, layout, *, validate=True):
 
 
 def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
+    out_ints = out.view(_INT_OF_SIZE[out.element_size()])
+    blocks = _whole_blocks(pk, slots)
+    if blocks is not None:
+        width = _block_slab_width(pk)
+        if width is not None:
+            index = _block_rows_index(pk, blocks, width)
+            for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
+                rows = _rows(layer, width)
+                torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
+            return
+        runs = _block_runs(pk, blocks)
+        if runs is not None:
+            for src, dst in _run_views(pk, out, runs):
+                dst.copy_(src)
+            return
     width = _row_width(pk)
     pad = slots < 0
     index = _row_index(pk, slots.clamp(min=0), width)
-    out_ints = out.view(_INT_OF_SIZE[out.element_size()])
     for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
         rows = _rows(layer, width)
         torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
@@ -139,8 +215,22 @@ def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> None:
-    width = _row_width(pk)
     src = staging.view(_INT_OF_SIZE[staging.element_size()])
+    blocks = _whole_blocks(pk, slots)
+    if blocks is not None:
+        width = _block_slab_width(pk)
+        if width is not None:
+            index = _block_rows_index(pk, blocks, width)
+            for layer, values in zip(pk.layers, src.view(pk.num_layers, -1, width)):
+                rows = _rows(layer, width)
+                rows.index_copy_(0, index, values.view(rows.dtype))
+            return
+        runs = _block_runs(pk, blocks)
+        if runs is not None:
+            for dst, values in _run_views(pk, staging, runs):
+                dst.copy_(values)
+            return
+    width = _row_width(pk)
     keep = slots >= 0
     if not keep.all():
         slots, src = slots[keep], src[:, :, keep]

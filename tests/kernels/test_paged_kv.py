@@ -166,6 +166,54 @@ def test_random_slot_mappings(name, BS, H, D, data):
         assert_bytes_equal(a, b, "scatter triton vs ref")
 
 
+def scatter_loop(staging, caches, slots, layout):
+    """The obvious per-token loop writing staging into the caches: the scatter oracle."""
+    layers = layer_views(caches, layout)
+    if not layout.has_heads:
+        staging = staging.unsqueeze(3)
+    BS = layers[0].shape[2]
+    for l, layer in enumerate(layers):
+        for n, s in enumerate(slots.tolist()):
+            if s >= 0:
+                layer[:, s // BS, s % BS] = staging[l, :, n]
+
+
+def block_slots(NB, BS, kind):
+    """Slot mappings shaped like an engine's: whole blocks in order, in a random order, a partial tail,
+    or whole blocks with their tokens permuted (the fast paths must see the difference)."""
+    blocks = {"consecutive": torch.arange(2, 6), "random": torch.randperm(NB)[:5],
+              "two-runs": torch.tensor([1, 2, 3, 6, 7]), "partial": torch.arange(1, 4),
+              "permuted": torch.arange(1, 4)}[kind]
+    slots = (blocks[:, None] * BS + torch.arange(BS)).reshape(-1)
+    if kind == "partial":
+        slots = slots[:-1]
+    if kind == "permuted":
+        slots = slots[torch.randperm(slots.numel())]
+    return slots
+
+
+@pytest.mark.parametrize("spec", LAYOUTS + ["NB H BS 2 D", "2 NB H BS D", "NB D BS H 2"])
+@pytest.mark.parametrize("kind", ["consecutive", "random", "two-runs", "partial", "permuted"])
+@pytest.mark.parametrize("min_run_bytes", [0, None], ids=["runs-forced", "runs-default"])
+def test_reference_block_paths_match_per_token_loop(spec, kind, min_run_bytes, monkeypatch):
+    """Whole-block mappings take the block-rows or block-runs paths of the reference: same bytes as a loop."""
+    import kernels.paged_kv as paged_kv
+    if min_run_bytes is not None:
+        monkeypatch.setattr(paged_kv, "_MIN_RUN_BYTES", min_run_bytes)
+    layout = KVLayout.from_name(spec) if spec in NAMED_LAYOUTS else KVLayout.parse(spec)
+    L, NB, BS, H, D = 2, 9, 16, 3, 64
+    caches = make_caches(layout, L, NB, BS, H, D, torch.bfloat16)
+    slots = block_slots(NB, BS, kind)
+    staging = gather_kv_ref(caches, slots, layout)
+    assert_bytes_equal(staging, gather_loop(caches, slots, layout), f"gather {kind}")
+    got = make_caches(layout, L, NB, BS, H, D, torch.bfloat16, fill=0xFF)
+    want = make_caches(layout, L, NB, BS, H, D, torch.bfloat16, fill=0xFF)
+    scatter_kv_ref(staging, got, slots, layout)
+    scatter_loop(staging, want, slots, layout)
+    for a, b in zip(caches_bytes(got), caches_bytes(want)):
+        assert_bytes_equal(a, b, f"scatter {kind}")
+
+
 @pytest.mark.parametrize("spec", ["NB 2 BS H D", "2 NB H BS D", "NB BS D", "NB D BS H 2", "H NB BS 2 D", "L NB BS 2 H D"])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_free_form_layouts(spec, impl):
