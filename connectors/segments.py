@@ -39,9 +39,15 @@ class SegmentChunk:
 
 
 def parse_separator(value: Any, tokenize: Callable[[str], list[int]] | None = None) -> tuple[int, ...] | None:
-    """The separator as token ids: None/"" for none, a list of ints as given, a string through `tokenize`."""
+    """The separator as token ids: None/"" for none, a list of ints or "ids:13,198" as given, other text
+    through `tokenize` (the model's tokenizer)."""
     if value is None or value == "" or value == []:
         return None
+    if isinstance(value, str) and value.startswith("ids:"):
+        try:
+            value = [int(v) for v in value[4:].split(",")]
+        except ValueError:
+            raise SegmentError(f"segment_separator: expected ids:<int>,<int>,..., got {value!r}") from None
     if isinstance(value, str):
         if tokenize is None:
             raise SegmentError("segment_separator: a string needs the model's tokenizer, which is not available "

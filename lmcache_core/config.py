@@ -273,6 +273,15 @@ class CacheConfig:
         "are rejected; never printed.", optional=True, secret=True)
     metrics_port: int | None = _key(None, "int", "Port of the Prometheus /metrics endpoint; null = off.",
                                     optional=True, low=1, high=65535)
+    # --- segment (position-independent) reuse, read by the vLLM connector ---
+    segment_reuse: bool = _key(
+        False, "bool", "Also reuse cached segments (RAG passages, documents) found after a different "
+        "preamble, K re-rotated to the new positions. Approximate: the cached KV never saw the new "
+        "preamble. A request opts out with kv_transfer_params {\"segment_reuse\": false}.")
+    segment_separator: str | None = _key(
+        None, "str", "Token sequence that ends a segment: text, tokenized with the model's tokenizer, or "
+        "explicit ids written \"ids:13,198\"; null = only explicit kv_transfer_params \"segments\".",
+        optional=True)
     # --- performance ---
     prefetch_enabled: bool = _key(True, "bool", "Start moving lower-tier chunks up as soon as a lookup "
                                   "has answered.", section="performance")

@@ -22,6 +22,9 @@ def test_split_at_separator_tiles_the_prompt():
 def test_parse_separator():
     assert parse_separator(None) is None and parse_separator("") is None
     assert parse_separator([3, 4]) == (3, 4)
+    assert parse_separator("ids:13,198") == (13, 198)
+    with pytest.raises(SegmentError, match="ids:<int>"):
+        parse_separator("ids:13,x")
     assert parse_separator("\n\n", lambda s: [13, 13]) == (13, 13)
     with pytest.raises(SegmentError, match="tokenizer"):
         parse_separator("\n\n")

@@ -30,7 +30,7 @@ performance:
 
 # one valid, non-default value per key, as an environment variable would spell it
 SAMPLES = {
-    "chunk_size": ("512", 512), "max_gpu_cache_ratio": ("0.25", 0.25),
+    "chunk_size": ("512", 512), "segment_reuse": ("true", True), "segment_separator": ("ids:13,198", "ids:13,198"), "max_gpu_cache_ratio": ("0.25", 0.25),
     "max_device_cache_size": ("2GiB", 2 * GiB), "max_local_cpu_size": ("1.5", 1_500_000_000),
     "hot_hit_threshold": ("0", 0), "hot_cache_ttl": ("60", 60.0), "max_hot_ratio": ("0.2", 0.2),
     "write_policy": ("write_through", "write_through"), "local_cache_dir": ("/var/cache/lm", "/var/cache/lm"),
