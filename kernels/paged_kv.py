@@ -67,11 +67,11 @@ def _paged_kv_copy_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # Pure-torch reference: the CPU production path and the tests' oracle. No token loop. Three strategies, the
 # first that applies (bench.kernels measures each against a plain copy):
-# - block rows: the slots are whole blocks, each in order (how an engine's slots for a request look), and
-#   a block's tokens are one contiguous slab of the cache (NHD layouts): one index_select/index_copy_ per
-#   layer over rows of BS*H*D elements, as fast as a copy;
-# - block runs: whole blocks in few runs of consecutive blocks (HND layouts, vLLM's CPU layout): one strided
-#   copy per run and layer, which transposes [H, BS, D] to [BS, H, D] on the way;
+# - block runs: the slots are whole blocks, each in order (how an engine's slots for a request look), in
+#   few runs of consecutive blocks: one (strided) copy per run and layer, which also transposes
+#   [H, BS, D] to [BS, H, D] for HND layouts and vLLM's CPU layout;
+# - block rows: whole blocks in many runs, and a block's tokens are one contiguous slab of the cache (NHD
+#   layouts): one index_select / row scatter per layer over rows of BS*H*D elements;
 # - token rows: any slots: one index_select/index_copy_ per layer over rows of the cache's widest contiguous
 #   run (H*D when heads are dense, else D).
 # ---------------------------------------------------------------------------------------------------------
@@ -192,17 +192,17 @@ def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
     out_ints = out.view(_INT_OF_SIZE[out.element_size()])
     blocks = _whole_blocks(pk, slots)
     if blocks is not None:
+        runs = _block_runs(pk, blocks)
+        if runs is not None:
+            for src, dst in _run_views(pk, out, runs):
+                dst.copy_(src)
+            return
         width = _block_slab_width(pk)
         if width is not None:
             index = _block_rows_index(pk, blocks, width)
             for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
                 rows = _rows(layer, width)
                 torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
-            return
-        runs = _block_runs(pk, blocks)
-        if runs is not None:
-            for src, dst in _run_views(pk, out, runs):
-                dst.copy_(src)
             return
     width = _row_width(pk)
     pad = slots < 0
@@ -218,26 +218,27 @@ def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> N
     src = staging.view(_INT_OF_SIZE[staging.element_size()])
     blocks = _whole_blocks(pk, slots)
     if blocks is not None:
-        width = _block_slab_width(pk)
-        if width is not None:
-            index = _block_rows_index(pk, blocks, width)
-            for layer, values in zip(pk.layers, src.view(pk.num_layers, -1, width)):
-                rows = _rows(layer, width)
-                rows.index_copy_(0, index, values.view(rows.dtype))
-            return
         runs = _block_runs(pk, blocks)
         if runs is not None:
             for dst, values in _run_views(pk, staging, runs):
                 dst.copy_(values)
             return
+        width = _block_slab_width(pk)
+        if width is not None:
+            _copy_rows(pk, _block_rows_index(pk, blocks, width), src.view(pk.num_layers, -1, width), width)
+            return
     width = _row_width(pk)
     keep = slots >= 0
     if not keep.all():
         slots, src = slots[keep], src[:, :, keep]
-    index = _row_index(pk, slots, width)
-    for layer, values in zip(pk.layers, src.reshape(pk.num_layers, -1, width)):
+    _copy_rows(pk, _row_index(pk, slots, width), src.reshape(pk.num_layers, -1, width), width)
+
+
+def _copy_rows(pk: PagedKV, index: torch.Tensor, values: torch.Tensor, width: int) -> None:
+    """rows(layer)[index] = values[layer], for every layer."""
+    for layer, v in zip(pk.layers, values):
         rows = _rows(layer, width)
-        rows.index_copy_(0, index, values.view(rows.dtype))
+        rows.index_copy_(0, index, v.view(rows.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
