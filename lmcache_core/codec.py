@@ -3,12 +3,18 @@
 Codecs: `none` (raw bytes), `zstd` (lossless: byte planes split by `kernels.shuffle_bytes_ref`, then zstd;
 ~1.46x on real bf16 KV vs 1.27x for zstd on raw bytes), and the lossy `int8`, `fp8`, `int4`
 (`kernels.quantize_kv`: data and scales as the payload's two sections, grouping in the codec parameters).
+
+`decode(..., out=t)` writes the chunk straight into `t` (a cache entry being filled, or the caller's buffer):
+for `none` and `zstd` on the CPU the stored bytes (zstd's output, read in place) are copied once, into `t`.
 """
 
 import math
 
+import numpy as np
 import torch
 import zstandard
+
+from kernels.quant import TOKEN_TILE, QuantizedKV, QuantMeta, empty_quantized
 
 # The byte tiers' data is on the CPU by the time it is serialized, so the torch references are the path
 # (they are the CPU production path of every kernel; under TRITON_INTERPRET they also keep tests fast).
@@ -16,7 +22,6 @@ from kernels.quant import dequantize_kv_ref as dequantize_kv
 from kernels.quant import quantize_kv_ref as quantize_kv
 from kernels.shuffle import shuffle_bytes_ref as shuffle_bytes
 from kernels.shuffle import unshuffle_bytes_ref as unshuffle_bytes
-from kernels.quant import TOKEN_TILE, QuantizedKV, QuantMeta, empty_quantized
 
 from . import serde
 from .errors import CorruptChunkError
@@ -38,7 +43,7 @@ def encode(key: bytes, kv: torch.Tensor, codec: str, *, position: int = -1, leve
         return serde.pack(key, kv.dtype, kv.shape, codec, (_raw(kv),), position=position, secret=secret)
     if codec == "zstd":
         planes = shuffle_bytes(kv)
-        compressed = zstandard.ZstdCompressor(level=level).compress(_raw(planes))
+        compressed = zstandard.ZstdCompressor(level=level).compress(planes.numpy())  # no copy to bytes first
         return serde.pack(key, kv.dtype, kv.shape, codec, (compressed,), position=position, secret=secret)
     q = quantize_kv(kv, codec=codec)
     m = q.meta
@@ -55,18 +60,31 @@ def _tensor(buf, dtype: torch.dtype, shape) -> torch.Tensor:
 
 
 def decode(buf, key: bytes, *, secret: bytes | None = None,
-           expect: tuple[tuple[int, ...], torch.dtype] | None = None) -> tuple[torch.Tensor, int]:
-    """Verify and decode stored bytes into (staging tensor on CPU, position). Raises CorruptChunkError.
+           expect: tuple[tuple[int, ...], torch.dtype] | None = None,
+           out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Verify and decode stored bytes into (staging tensor, position). Raises CorruptChunkError.
 
     expect: the (shape, dtype) the reader needs. A header that says otherwise is rejected before anything is
     decoded or allocated: its checksums prove only that someone wrote it, and a forged shape would otherwise
-    size the output (or be broadcast into the reader's buffer)."""
+    size the output (or be broadcast into the reader's buffer).
+    out: a tensor of the chunk's shape and dtype (any device) to decode into; the tensor returned is then
+    `out`, else a new CPU tensor. `out` is written only once every check has passed."""
     header, payload = serde.unpack(buf, key, secret=secret)
     dtype, shape = header.dtype, header.shape
     if expect is not None and (shape, dtype) != (tuple(expect[0]), expect[1]):
         raise CorruptChunkError(f"chunk says {dtype} {shape}, the reader expects {expect[1]} {tuple(expect[0])}")
+    if out is not None and (shape, dtype) != (tuple(out.shape), out.dtype):
+        raise CorruptChunkError(f"chunk says {dtype} {shape}, the output buffer is {out.dtype} {tuple(out.shape)}")
+    direct = out is not None and out.device.type == "cpu" and out.is_contiguous()  # decoded straight into out
     if header.codec == "none":
-        return _tensor(payload, dtype, shape), header.position
+        if not direct:
+            return _into(out, _tensor(payload, dtype, shape)), header.position
+        dst = out.reshape(-1).view(torch.uint8).numpy()
+        if len(payload) != dst.size:
+            raise CorruptChunkError(f"section holds {len(payload)} bytes, shape {tuple(shape)} of {dtype} needs "
+                                    f"{dst.size}")
+        np.copyto(dst, np.frombuffer(payload, dtype=np.uint8))
+        return out, header.position
     esize, numel = torch.empty((), dtype=dtype).element_size(), math.prod(shape)  # exact (np.prod wraps)
     if header.codec == "zstd":
         size = esize * numel
@@ -79,8 +97,10 @@ def decode(buf, key: bytes, *, secret: bytes | None = None,
             raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
         except zstandard.ZstdError as e:
             raise CorruptChunkError(f"zstd: {e}") from e
-        planes = _tensor(raw, torch.uint8, (esize, numel))
-        return unshuffle_bytes(planes, dtype, shape), header.position
+        if len(raw) != size:
+            raise CorruptChunkError(f"zstd frame holds {len(raw)} bytes, shape {tuple(shape)} of {dtype} needs {size}")
+        kv = unshuffle_bytes(raw, dtype, shape, out=out if direct else None)  # reads raw in place
+        return _into(out, kv), header.position
     grouping, token_tile, group_size, _ = header.params
     if grouping >= len(_K_GROUPING) or not token_tile or not group_size:
         raise CorruptChunkError(f"bad codec parameters {header.params}")
@@ -100,4 +120,11 @@ def decode(buf, key: bytes, *, secret: bytes | None = None,
                         _tensor(scale_bytes, shapes.scales.dtype, shapes.scales.shape), meta)
     except (ValueError, ZeroDivisionError) as e:
         raise CorruptChunkError(f"bad quantization metadata: {e}") from e
-    return dequantize_kv(q), header.position
+    return _into(out, dequantize_kv(q)), header.position
+
+
+def _into(out: torch.Tensor | None, kv: torch.Tensor) -> torch.Tensor:
+    """kv, copied into `out` when there is one (and kv is not already it)."""
+    if out is None or kv is out:
+        return kv
+    return out.copy_(kv)

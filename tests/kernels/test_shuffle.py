@@ -93,3 +93,73 @@ def test_real_kv_ratio_beats_plain_zstd():
     plain = kv.numel() * 2 / len(zstandard.ZstdCompressor(level=1).compress(kv.view(torch.uint8).numpy().tobytes()))
     assert ratio >= 1.4, f"shuffle + zstd-1: {ratio:.3f}x < 1.4x"
     assert ratio > plain, f"shuffle + zstd-1 {ratio:.3f}x does not beat plain zstd-1 {plain:.3f}x"
+
+
+# -- the CPU references (numpy strided copies), against a plain-integer oracle ---------------------------------
+
+ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8,
+              torch.int8, torch.int16, torch.int32]
+ODD_SIZES = [1, 2, 3, 5, 7, 31, 1023, 4097]
+
+
+def planes_oracle(x: torch.Tensor) -> torch.Tensor:
+    """Byte b (0 = most significant) of every element, by integer shifts of its bit pattern."""
+    size = x.element_size()
+    bits = x.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[size]).reshape(-1).to(torch.int64)
+    bits &= (1 << 8 * size) - 1  # the unsigned bit pattern
+    return torch.stack([(bits >> 8 * (size - 1 - b)) & 0xFF for b in range(size)]).to(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("numel", ODD_SIZES)
+def test_cpu_references_round_trip_every_dtype_and_odd_size(dtype, numel):
+    x = with_special_values((numel,), dtype)
+    planes = shuffle_bytes_ref(x)
+    assert_bytes_equal(planes, planes_oracle(x), "shuffle_bytes_ref vs the shift oracle")
+    assert_bytes_equal(unshuffle_bytes_ref(planes, dtype, x.shape), x, "unshuffle_bytes_ref")
+    # a bytes-like object (zstd's output) is read in place, into a caller's buffer
+    out = torch.empty_like(x)
+    got = unshuffle_bytes_ref(planes.numpy().tobytes(), dtype, x.shape, out=out)
+    assert got is out
+    assert_bytes_equal(out, x, "unshuffle_bytes_ref(bytes, out=)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn], ids=str)
+def test_torch_and_numpy_paths_agree(dtype):
+    """The torch expressions (used off the CPU) give the numpy path's bytes."""
+    from kernels.shuffle import _byte_columns, _columns_to_planes_torch, _planes_to_columns_torch
+
+    x = with_special_values((3, 2, 37, 5), dtype)
+    planes = torch.empty((x.element_size(), x.numel()), dtype=torch.uint8)
+    _columns_to_planes_torch(_byte_columns(x), planes)
+    assert_bytes_equal(planes, shuffle_bytes_ref(x), "torch shuffle path")
+    y = torch.empty_like(x)
+    _planes_to_columns_torch(planes, _byte_columns(y))
+    assert_bytes_equal(y, x, "torch unshuffle path")
+
+
+def test_references_take_non_contiguous_input_and_write_into_out():
+    x = with_special_values((6, 10), torch.float32).t()  # non-contiguous
+    planes = torch.empty((4, 60), dtype=torch.uint8)
+    assert shuffle_bytes_ref(x, out=planes) is planes
+    assert_bytes_equal(planes, planes_oracle(x), "shuffle of a transposed tensor")
+    out = torch.empty((10, 6), dtype=torch.float32)
+    assert unshuffle_bytes(planes, torch.float32, (10, 6), out=out) is out
+    assert_bytes_equal(out, x, "unshuffle_bytes(out=)")
+    assert_bytes_equal(unshuffle_bytes_ref(planes[:, :0], torch.float32, (0, 6)), torch.empty(0, 6), "empty")
+
+
+def test_bad_out_and_buffers_are_refused_with_what_was_expected():
+    planes = shuffle_bytes_ref(torch.zeros(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"out: expected a contiguous torch.bfloat16 tensor of shape \(8,\)"):
+        unshuffle_bytes_ref(planes, torch.bfloat16, (8,), out=torch.empty(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        unshuffle_bytes_ref(planes, torch.bfloat16, (2, 4), out=torch.empty(4, 2, dtype=torch.bfloat16).t())
+    with pytest.raises(ValueError, match="out: expected a contiguous torch.uint8 tensor of shape"):
+        shuffle_bytes_ref(torch.zeros(8, dtype=torch.bfloat16), out=torch.empty(16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="out: expected a torch.Tensor"):
+        unshuffle_bytes_ref(planes, torch.bfloat16, (8,), out=[0] * 8)
+    with pytest.raises(ValueError, match="expected 16 bytes"):
+        unshuffle_bytes_ref(b"\x00" * 15, torch.bfloat16, (8,))
+    with pytest.raises(TypeError, match="planes: expected a uint8 tensor or a bytes-like object"):
+        unshuffle_bytes_ref("sixteen chars!!!", torch.bfloat16, (8,))

@@ -32,6 +32,34 @@ def test_lossless_codecs_round_trip_bit_exact(name, dtype):
     assert_bytes_equal(out, kv, name)
 
 
+@pytest.mark.parametrize("name", ["none", "zstd", "int8"])
+def test_decode_into_out_equals_decode(name):
+    """out=: decoded straight into a caller's buffer (contiguous CPU) or copied in (any other tensor)."""
+    kv = torch.randn(2, 2, 64, 3, 16).to(torch.bfloat16)
+    blob = codec.encode(KEY, kv, name, position=3)
+    expected, _ = codec.decode(blob, KEY)
+    out = torch.full_like(kv, 7.0)
+    got, position = codec.decode(blob, KEY, out=out, expect=(kv.shape, kv.dtype))
+    assert got is out and position == 3
+    assert_bytes_equal(out, expected, f"{name} into out")
+    strided = torch.full((2, 2, 3, 64, 16), 7.0, dtype=torch.bfloat16).transpose(2, 3)  # non-contiguous
+    assert codec.decode(blob, KEY, out=strided)[0] is strided
+    assert_bytes_equal(strided.contiguous(), expected, f"{name} into a strided out")
+
+
+@pytest.mark.parametrize("name", ["none", "zstd"])
+def test_decode_never_writes_out_for_a_bad_chunk(name):
+    kv = torch.randn(2, 2, 8, 1, 16).to(torch.bfloat16)
+    blob = bytearray(codec.encode(KEY, kv, name))
+    blob[-1] ^= 1
+    out = torch.zeros_like(kv)
+    with pytest.raises(CorruptChunkError, match="checksum"):
+        codec.decode(bytes(blob), KEY, out=out)
+    assert not out.any()
+    with pytest.raises(CorruptChunkError, match="output buffer"):
+        codec.decode(codec.encode(KEY, kv, name), KEY, out=torch.zeros(2, 2, 8, 1, 8, dtype=torch.bfloat16))
+
+
 def test_zstd_compresses_real_kv():
     kv = real_kv()[:, :, :256]  # [L, 2, T, H, D]
     blob = codec.encode(KEY, kv, "zstd", level=3)
