@@ -11,10 +11,11 @@ bench.models.smollm2_dir), `--model` takes a local HF checkpoint dir or a name v
 runs with L1 + L2 + a temporary L3 directory, and L4 with `--remote-url`. Workloads: bench/ttft_workloads.py.
 
 Per scenario: TTFT mean/p50/p90 (s), speed-up over `recompute` (median over median: on a shared machine
-the mean takes every scheduling hiccup), hit rate (prompt tokens the
-request did not compute, i.e. took from a cache / prompt tokens), MB of KV loaded into vLLM's cache and
-load GB/s (ours: those bytes / the engine's retrieve time), tier hits (ours), and a first-token check: a
-scenario whose greedy first token differs from recompute's for any request is marked failed (float32).
+the mean takes every scheduling hiccup; none when `--scenarios` leaves recompute out), hit rate (prompt
+tokens the request did not compute, i.e. took from a cache / prompt tokens), MB of KV loaded into vLLM's
+cache and load GB/s (ours: those bytes / the engine's retrieve time, which includes the scatter into vLLM's
+blocks), tier hits (ours), and a first-token check: a scenario whose greedy first token differs from
+recompute's (or, without recompute, the first scenario's) for any request is marked failed (float32).
 
 Server mode (`--server`) sends the same workload as text to /v1/completions with stream=true, one request
 at a time; TTFT = time to the first streamed token. Rows: `server-cold` (each prompt starts with a unique
@@ -138,8 +139,13 @@ def _stats(xs: list[float]) -> tuple[float, float, float]:
 
 def summarize(results: list[Result], base_name: str, kv_bytes_per_token: int | None,
               check_first_tokens: bool = True) -> list[dict]:
-    base = next(r for r in results if r.scenario == base_name)
-    base_p50 = statistics.median(base.ttft_s) if base.ttft_s else None
+    """Rows per result; ratios against `base_name`, first tokens against it (without it: no ratios, and the
+    first scenario that measured anything is the first-token reference)."""
+    base = next((r for r in results if r.scenario == base_name), None)
+    base_p50 = statistics.median(base.ttft_s) if base is not None and base.ttft_s else None
+    if base is None:
+        base = next((r for r in results if r.ttft_s), None)
+        base_name = base.scenario if base is not None else base_name
     rows = []
     for r in results:
         row = {"scenario": r.scenario, "status": r.status, "reason": r.reason, "requests": len(r.ttft_s)}
@@ -159,7 +165,7 @@ def summarize(results: list[Result], base_name: str, kv_bytes_per_token: int | N
             if r.tier_hits is not None:
                 row["tier_hits"] = " ".join(f"{n}:{h}" for n, h in sorted(r.tier_hits.items()))
                 row["tier_read_MB"] = {n: b / 1e6 for n, b in r.tier_read_bytes.items()}
-            if check_first_tokens:
+            if check_first_tokens and base is not None:
                 wrong = [lab for lab, got, ref in zip(r.labels, r.first_tokens, base.first_tokens) if got != ref]
                 row["first_token_mismatches"] = wrong
                 if wrong and r.status == "ok":
@@ -204,8 +210,8 @@ def plot(rows: list[dict], path: str, title: str) -> str:
               else "tab:blue" for n in names]
     ax.barh(names, p50, xerr=err, color=colors)
     for y, r in enumerate(ok[::-1]):
-        ax.text(r["ttft_p90_s"], y, f"  {r['ttft_p50_s']:.3g}s ({r['speedup']:.1f}x)",
-                va="center", fontsize=8)
+        speedup = f" ({r['speedup']:.1f}x)" if r.get("speedup") else ""
+        ax.text(r["ttft_p90_s"], y, f"  {r['ttft_p50_s']:.3g}s{speedup}", va="center", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlim(right=4 * max(r["ttft_p90_s"] for r in ok))
     ax.set_xlabel("TTFT, seconds (bar: median; whisker: to p90; log scale)")
@@ -253,6 +259,9 @@ def run(cfg: Config) -> Report:
                   batched_tokens=cfg.batched_tokens, remote_url=cfg.remote_url, ours_config=dict(cfg.ours_config))
     results = run_all(ctx, list(cfg.scenarios))
     report.rows = summarize(results, "recompute", bpt)
+    if "recompute" not in cfg.scenarios and report.rows:
+        report.notes.append(f"recompute not in --scenarios: no speed-ups; first tokens compared with "
+                            f"{report.rows[0]['scenario']}'s")
     report.config.update(model=model, prefill_step_tokens=ctx.step_tokens, kv_bytes_per_token=bpt,
                          cache_bytes_per_memory_tier=cache_bytes, longest_prompt=workload.longest,
                          VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))

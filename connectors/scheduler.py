@@ -1,8 +1,9 @@
 """The scheduler half: answers "how many prompt tokens can be loaded" and plans each step's loads and saves.
 
-Per request it keeps the prompt (it never changes), the namespace, whether the request was counted in the
-statistics, the single-flight wait, the load vLLM accepted, and how many leading chunks are known stored.
-Lookups touch only the cache engine's key index (and single-flight locks), never the worker.
+Per request it keeps the prompt (it never changes), its chunk keys (hashed once, on the first ask), the
+namespace, whether the request was counted in the statistics, the single-flight wait, the load vLLM
+accepted, and how many leading chunks are known stored. Lookups touch only the cache engine's key index (and
+single-flight locks), never the worker.
 
 Timeline per request: `lookup` (once: statistics and prefetch) + `claim` (every ask) ->
 `update_state_after_alloc` (vLLM accepted `n` external tokens) -> `build_connector_meta` each step it is
@@ -12,7 +13,7 @@ scheduled (its load once; every chunk whose tokens are all computed by the end o
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmcache_core import metrics
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 class _Request:
     prompt: list[int]
     namespace: str | None
+    keys: list = field(default_factory=list)  # the prompt's chunk keys (engine.keys), for every engine call
     counted: bool = False  # looked up once for the statistics
     busy_since: float | None = None  # first "busy" answer of the current wait
     waited_out: bool = False  # a wait passed lock_timeout: compute from now on
@@ -74,7 +76,9 @@ class SchedulerHalf:
     def _state(self, request) -> _Request | None:
         st = self._reqs.get(request.request_id)
         if st is None and cacheable(request):
-            st = self._reqs[request.request_id] = _Request(list(request.prompt_token_ids), namespace_of(request))
+            prompt, namespace = list(request.prompt_token_ids), namespace_of(request)
+            keys = self.engine.keys(prompt, namespace=namespace)
+            st = self._reqs[request.request_id] = _Request(prompt, namespace, keys)
         return st
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -83,12 +87,12 @@ class SchedulerHalf:
             return 0, False
         cs, engine = self.chunk_size, self.engine
         if not st.counted:  # once per request: the hit statistics, and prefetch of lower-tier chunks
-            hit = engine.lookup(st.prompt, namespace=st.namespace)
+            hit = engine.lookup(st.prompt, namespace=st.namespace, keys=st.keys)
             st.counted = True
             self.stats.add("requests", 1)
             self.stats.add("lookup_tokens", len(st.prompt) // cs * cs)
             self.stats.add("hit_tokens", hit)
-        claim = engine.claim(st.prompt, owner=request.request_id, namespace=st.namespace)
+        claim = engine.claim(st.prompt, owner=request.request_id, namespace=st.namespace, keys=st.keys)
         hit = claim.hit_tokens
         # Another request or instance is computing the first chunk we miss; wait for it unless vLLM's own
         # prefix cache already covers that chunk, or this request already waited lock_timeout.
@@ -163,7 +167,7 @@ class SchedulerHalf:
     def request_finished(self, request) -> tuple[bool, None]:
         st = self._reqs.pop(request.request_id, None)
         if st is not None:  # chunks it claimed but never stored (aborted, or too short) are free again
-            self.engine.release(st.prompt, owner=request.request_id, namespace=st.namespace)
+            self.engine.release(st.prompt, owner=request.request_id, namespace=st.namespace, keys=st.keys)
         return False, None  # saves are copied out of vLLM's blocks during the step: nothing holds the blocks
 
     def take_stats(self) -> LMCacheCoreStats | None:

@@ -1,10 +1,12 @@
 """The worker half: moves KV between vLLM's paged cache and the cache engine, as the scheduler planned.
 
-Loads: `engine.retrieve` the chunks covering the range into a staging tensor, then one `scatter_kv` for
-every layer into the planned slots. They run in `start_load_kv`, which vLLM calls before the forward pass
-when the step has synchronous loads (`SchedulerOutput.has_sync_kv_loads`, set whenever a request admitted
-this step has external tokens; after the forward otherwise), and, in case a caller orders it differently,
-in the first `wait_for_layer_load`, before any attention layer reads a block. A load that comes back short
+Loads: `engine.retrieve_chunks` hands over the chunks covering the range one by one, straight from the tier
+holding each (a memory tier's own entry: no staging copy), and each goes into the planned slots with one
+`scatter_kv` for every layer (a chunk held off the cache's device is copied onto it first). They run in
+`start_load_kv`, which vLLM calls before the forward pass when the step has synchronous loads
+(`SchedulerOutput.has_sync_kv_loads`, set whenever a request admitted this step has external tokens; after
+the forward otherwise), and, in case a caller orders it differently, in the first `wait_for_layer_load`,
+before any attention layer reads a block. A load that comes back short
 (evicted, corrupt, tier down) zeroes the slots it could not fill and reports their blocks through
 `get_block_ids_with_load_errors`, so vLLM recomputes them; that request's saves in the same step are skipped
 (its new KV attended to the missing tokens), and so are later ones until a step's metadata says the
@@ -121,23 +123,29 @@ class WorkerHalf:
 
     def _load_one(self, spec) -> None:
         engine, device = self.engine, self.engine.device
-        base = spec.start // engine.config.chunk_size * engine.config.chunk_size  # chunk holding spec.start
         cs = engine.config.chunk_size
-        span = -(-(len(spec.token_ids) - base) // cs) * cs  # retrieve fills whole chunks, past spec.end too
-        staging = torch.empty(engine.spec.chunk_shape(span), dtype=getattr(torch, engine.spec.dtype), device=device)
+        base = spec.start // cs * cs  # chunk holding spec.start
+        slots = spec.slots.to(device)
+        loaded = spec.start  # positions [spec.start, loaded) are in vLLM's blocks
+
+        def scatter_chunk(i: int, kv: torch.Tensor) -> None:  # chunk i from base: [first, first + cs)
+            nonlocal loaded
+            first = base + i * cs
+            lo, hi = max(spec.start, first), min(spec.end, first + cs)
+            if lo < hi:
+                part = kv[:, :, lo - first:hi - first].to(device)  # a no-op on the cache's device
+                scatter_kv(part, self.caches, slots[lo - spec.start:hi - spec.start], self.layout, validate=False)
+            loaded = max(loaded, hi)
+
         try:
-            got, _ = engine.retrieve(spec.token_ids, start=base, namespace=spec.namespace, out=staging)
+            engine.retrieve_chunks(spec.token_ids, scatter_chunk, start=base, namespace=spec.namespace)
         except Exception as e:  # a tier fault is a miss, never an error for the request
             log.warning("lmcache: retrieve for request %s failed: %r", spec.req_id, e)
-            got = 0
-        good = max(spec.start, min(base + got, spec.end))
-        slots = spec.slots.to(device)
-        if good > spec.start:
-            scatter_kv(staging[:, :, spec.start - base:good - base], self.caches, slots[: good - spec.start],
-                       self.layout, validate=False)
+        good = loaded
         if good < spec.end:  # never leave stale bytes where vLLM was promised KV: zero them, then report
             bad = slots[good - spec.start:]
-            zeros = torch.zeros(engine.spec.chunk_shape(bad.numel()), dtype=staging.dtype, device=device)
+            zeros = torch.zeros(engine.spec.chunk_shape(bad.numel()), dtype=getattr(torch, engine.spec.dtype),
+                                device=device)
             scatter_kv(zeros, self.caches, bad, self.layout, validate=False)
             self._failed_blocks.update((bad // self.block_size).unique().tolist())
             self._failed_loads[spec.req_id] = min(good, self._failed_loads.get(spec.req_id, good))

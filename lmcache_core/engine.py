@@ -3,13 +3,18 @@
 Tokens are cut into chunks of `chunk_size`; only full chunks are stored. A chunk's key is its hash
 (`kernels.chunk_hashes`: prefix mode chains over everything before it, segment mode covers its own tokens)
 salted with `cache_salt` and the call's namespace, plus the KV spec's fingerprint. `lookup` answers how many
-leading tokens are available in any tier; `retrieve` copies them out of the fastest tier holding each chunk.
+leading tokens are available in any tier; `retrieve` copies them out of the fastest tier holding each chunk;
+`retrieve_chunks` hands each chunk to a callback without copying it into a buffer first.
+
+The single-request calls (lookup, retrieve, retrieve_chunks, store, claim, release, pin, unpin) also take
+`keys=`: the chunk keys `keys()` returned for the same tokens, mode and namespace, so a caller asking
+several times about one request hashes its prompt once.
 """
 
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +123,17 @@ class CacheEngine:
         fingerprint = self.spec.fingerprint
         return [ChunkKey(fingerprint, h) for h in hashes]
 
+    def _keys(self, token_ids, mode: str, namespace: str | None, keys: Sequence[ChunkKey] | None) -> list[ChunkKey]:
+        """`keys` when the caller passed them (checked for length), else `keys()` of the tokens."""
+        if keys is None or self.spec is None:
+            return self.keys(token_ids, mode=mode, namespace=namespace)
+        full = len(token_ids) // self.config.chunk_size
+        if len(keys) != full:
+            raise ValueError(f"keys: expected {full} chunk keys for {len(token_ids)} tokens (chunk_size="
+                             f"{self.config.chunk_size}), got {len(keys)}; pass keys(token_ids) of the same "
+                             "tokens, mode and namespace")
+        return list(keys)
+
     def _check_kv(self, kv: torch.Tensor) -> None:
         if not isinstance(kv, torch.Tensor) or kv.dim() not in (4, 5):
             raise TypeError(f"kv: expected a staging tensor [L, KV, N, H, D] ([L, 1, N, D] for MLA), got "
@@ -132,10 +148,11 @@ class CacheEngine:
 
     # -- the API ----------------------------------------------------------------------------------------
 
-    def lookup(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
+    def lookup(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
+               keys: Sequence[ChunkKey] | None = None) -> int:
         """Leading tokens (whole chunks) available in any tier; starts prefetching lower-tier chunks."""
         with metrics.LATENCY.labels("lookup").time():
-            keys = self.keys(token_ids, mode=mode, namespace=namespace)
+            keys = self._keys(token_ids, mode, namespace, keys)
             run = self.tiers.leading_run(keys)
             if run and self.config.prefetch_enabled:
                 self.tiers.prefetch(keys[: len(run)], run)
@@ -152,7 +169,7 @@ class CacheEngine:
         return start // cs
 
     def store(self, token_ids, kv: torch.Tensor, *, start: int = 0, pin: bool = False, mode: str = "prefix",
-              namespace: str | None = None) -> int:
+              namespace: str | None = None, keys: Sequence[ChunkKey] | None = None) -> int:
         """Store full chunks of `token_ids` from staging `kv` [L, KV, N, H, D]; returns tokens stored.
 
         kv holds the tokens from `start` (a multiple of chunk_size; chunks before it are not touched) to
@@ -162,7 +179,7 @@ class CacheEngine:
         self._check_kv(kv)
         first = self._start_chunk(start)
         cs = self.config.chunk_size
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)[first: first + kv.shape[2] // cs]
+        keys = self._keys(token_ids, mode, namespace, keys)[first: first + kv.shape[2] // cs]
         if not keys:
             return 0
         with metrics.LATENCY.labels("store").time():
@@ -170,22 +187,26 @@ class CacheEngine:
             # recency; byte tiers are asked before anything is encoded), so a tier that lost it, like a
             # restarted Redis, gets it back.
             items = [(key, kv[:, :, i * cs:(i + 1) * cs]) for i, key in enumerate(keys)]
-            # Stored: whoever claimed these chunks need not compute them. Other instances are released once
-            # the chunks are in the shared tiers, so a waiter there finds them instead of recomputing.
-            self._local_locks.release(keys, None)
+            # Stored: whoever claimed these chunks need not compute them. Waiters here are released once the
+            # memory tiers hold the chunks, other instances once the shared tiers do, so a waiter finds them
+            # instead of recomputing (released earlier, it could claim them in between and compute them).
             remote = self._remote_locks
-            self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None,
-                             on_written=(lambda: remote.release(keys, None)) if remote else None)
+            try:
+                self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None,
+                                 on_written=(lambda: remote.release(keys, None)) if remote else None)
+            finally:
+                self._local_locks.release(keys, None)
         metrics.STORED_TOKENS.inc(len(items) * cs)
         return len(keys) * cs
 
     def retrieve(self, token_ids, *, start: int = 0, mode: str = "prefix", namespace: str | None = None,
-                 out: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
+                 out: torch.Tensor | None = None, keys: Sequence[ChunkKey] | None = None
+                 ) -> tuple[int, torch.Tensor | None]:
         """(n, kv): KV `[L, KV, n, H, D]` of the n tokens available from `start` (a multiple of chunk_size;
         0: the prompt's leading tokens) in a run of whole chunks, on the engine's device; (0, None) for none.
         out: a staging buffer to fill (at least n tokens long)."""
         with metrics.LATENCY.labels("retrieve").time():
-            keys = self.keys(token_ids, mode=mode, namespace=namespace)[self._start_chunk(start):]
+            keys = self._keys(token_ids, mode, namespace, keys)[self._start_chunk(start):]
             run = self.tiers.leading_run(keys)
             if not run:
                 return 0, None
@@ -200,16 +221,36 @@ class CacheEngine:
         metrics.RETRIEVED_TOKENS.inc(got * cs)
         return (got * cs, out) if got else (0, None)
 
-    def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> int:
+    def retrieve_chunks(self, token_ids, consume: Callable[[int, torch.Tensor], object], *, start: int = 0,
+                        mode: str = "prefix", namespace: str | None = None,
+                        keys: Sequence[ChunkKey] | None = None) -> int:
+        """`retrieve` without a buffer: hands chunk i (from `start`, in order) to `consume(i, kv)` straight
+        from the tier holding it, and returns the tokens handed over (a leading run of whole chunks).
+
+        kv: the chunk's staging tensor `[L, KV, chunk_size, H, D]`, on the device of the tier that holds it
+        (L1: the engine's device; L2 and decoded L3/L4 chunks: the CPU). It is valid only during the call and
+        may be a cache entry read under its tier's lock: read it (e.g. scatter it into a paged cache), never
+        modify or keep it, and call nothing of this engine from consume. An exception in consume propagates;
+        the chunks before it were handed over."""
+        with metrics.LATENCY.labels("retrieve").time():
+            keys = self._keys(token_ids, mode, namespace, keys)[self._start_chunk(start):]
+            run = self.tiers.leading_run(keys)
+            got = self.tiers.read_each(keys[: len(run)], consume) if run else 0
+        metrics.RETRIEVED_TOKENS.inc(got * self.config.chunk_size)
+        return got * self.config.chunk_size
+
+    def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
+            keys: Sequence[ChunkKey] | None = None) -> int:
         """Pin the chunks (never evicted from L1/L2 until `unpin`); chunks found only on disk or in Redis are
         brought into memory first. Returns tokens pinned (pinned bytes are capped by max_hot_ratio)."""
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        keys = self._keys(token_ids, mode, namespace, keys)
         self.tiers.bring_into_memory(keys)
         pinned = [any(tier.pin([k])[0] for tier in self.tiers.memory) for k in keys]
         return sum(pinned) * self.config.chunk_size
 
-    def unpin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None) -> None:
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+    def unpin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
+              keys: Sequence[ChunkKey] | None = None) -> None:
+        keys = self._keys(token_ids, mode, namespace, keys)
         for tier in self.tiers.memory:
             tier.unpin(keys)
 
@@ -240,11 +281,11 @@ class CacheEngine:
     # -- single-flight ----------------------------------------------------------------------------------
 
     def claim(self, token_ids, *, owner: str | None = None, mode: str = "prefix",
-              namespace: str | None = None) -> Claim:
+              namespace: str | None = None, keys: Sequence[ChunkKey] | None = None) -> Claim:
         """Non-blocking single-flight step (see `Claim`). owner: who computes (e.g. a request id);
         defaults to this engine."""
         owner = self._owner(owner)
-        keys = self.keys(token_ids, mode=mode, namespace=namespace)
+        keys = self._keys(token_ids, mode, namespace, keys)
         hit = len(self.tiers.leading_run(keys))
         missing = keys[hit:]
         if not missing:
@@ -273,9 +314,9 @@ class CacheEngine:
             time.sleep(_POLL_S)
 
     def release(self, token_ids, *, owner: str | None = None, mode: str = "prefix",
-                namespace: str | None = None) -> None:
+                namespace: str | None = None, keys: Sequence[ChunkKey] | None = None) -> None:
         """Give up the chunks `owner` claimed (its compute failed or was aborted)."""
-        self.locks.release(self.keys(token_ids, mode=mode, namespace=namespace), self._owner(owner))
+        self.locks.release(self._keys(token_ids, mode, namespace, keys), self._owner(owner))
 
     def _owner(self, owner: str | None) -> str:
         return self.owner if owner is None else f"{self.owner}:{owner}"

@@ -2,7 +2,10 @@
 write through on store, and prefetch lower-tier chunks upward in the background.
 
 Tiers, fastest first: memory tiers (L1 device, L2 CPU arena) hold staging tensors; byte tiers (L3 disk,
-L4 Redis) hold chunks serialized by `codec`. Any tier may be absent. Write policies:
+L4 Redis) hold chunks serialized by `codec`. Any tier may be absent. Reads hand each chunk to a consumer
+straight from the tier that holds it (`read_each`: a memory tier's entry under its lock, no copy), then
+copy it into the memory tiers above; a prefetch decodes a byte-tier chunk straight into a memory tier's
+entry. Write policies:
 - write_through: a store goes into the top memory tier and L2, and (in a background thread) every byte tier;
 - write_back: a store goes into the top memory tier only; an eviction hands the chunk one tier down.
 A byte-tier chunk that fails verification is deleted there, counted, and treated as a miss.
@@ -10,7 +13,7 @@ A byte-tier chunk that fails verification is deleted there, counted, and treated
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -82,34 +85,45 @@ class TierStack:
 
     def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[torch.Tensor]) -> int:
         """Fill `outs[i]` with chunk `keys[i]` in order; returns how many leading chunks were read."""
-        for i, (key, out) in enumerate(zip(keys, outs)):
+        return self.read_each(keys, lambda i, kv: outs[i].copy_(kv))
+
+    def read_each(self, keys: Sequence[ChunkKey], consume: Callable[[int, torch.Tensor], object]) -> int:
+        """Hand chunk `keys[i]` to `consume(i, kv)` in order; returns how many leading chunks were handed over.
+
+        kv is valid only during the call: a memory tier's own entry, read under that tier's lock (see
+        `MemoryTier.read_with`: read it, never modify or keep it), or a chunk just decoded on the CPU. Memory
+        tiers hold chunks on their own device (L1: the engine's; L2: the CPU)."""
+        for i, key in enumerate(keys):
             future = self._prefetching.get(key)
             if future is not None:
                 future.result()  # a prefetch of this chunk is in flight: let it land in memory first
-            if not self._read_one(key, out):
+            if not self._read_one(key, lambda kv, i=i: consume(i, kv)):
                 return i
         return len(keys)
 
-    def _read_one(self, key: ChunkKey, out: torch.Tensor) -> bool:
+    def _read_one(self, key: ChunkKey, consume: Callable[[torch.Tensor], object]) -> bool:
+        """consume(kv) from the fastest tier holding `key`, then copy it into the memory tiers above that
+        one. Each tier is asked once, fastest first, so its hit and miss counters stay exact."""
         for level, tier in enumerate(self.memory):
-            if tier.read_into([(key, out)])[0]:
-                self._promote(key, out, above=level)
+            if tier.read_with(key, consume):
+                self._promote_from(tier, key, above=level)
                 return True
         kv = self._fetch_bytes(key)
         if kv is None:
             return False
-        out.copy_(kv)
+        consume(kv)
         self._promote(key, kv, above=len(self.memory))
         return True
 
-    def _fetch_bytes(self, key: ChunkKey) -> torch.Tensor | None:
-        """Read and decode `key` from the first byte tier that has a valid copy (CPU tensor) or None."""
+    def _fetch_bytes(self, key: ChunkKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Read and decode `key` from the first byte tier that has a valid copy, or None. Decoded into `out`
+        when given (and then returned), else into a new CPU tensor."""
         for tier in self.byte_tiers:
             buf = tier.get([key])[0]
             if buf is None:
                 continue
             try:
-                kv, _position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect)
+                kv, _position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
                 return kv
             except CorruptChunkError as e:
                 log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
@@ -121,6 +135,20 @@ class TierStack:
     def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int) -> None:
         for tier in self.memory[:above]:
             tier.put([(key, kv)])
+
+    def _promote_from(self, source: MemoryTier, key: ChunkKey, above: int) -> None:
+        """Copy `key` from memory tier `source` into memory[:above], entry to entry (no lock is held while
+        another is taken; the copies are not counted as hits of `source`)."""
+        if not above:
+            return
+        if self.expect is None:  # the chunk's shape is unknown here: take a copy first
+            copies: list[torch.Tensor] = []
+            if source.read_with(key, lambda t: copies.append(t.clone()), count=False):
+                self._promote(key, copies[0], above)
+            return
+        shape, dtype = self.expect
+        for tier in self.memory[:above]:
+            tier.put_with(key, shape, dtype, lambda dst: source.read_with(key, dst.copy_, count=False))
 
     def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
         """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""
@@ -145,10 +173,22 @@ class TierStack:
             future.add_done_callback(lambda _f, key=key: self._prefetching.pop(key, None))
 
     def _prefetch_one(self, key: ChunkKey) -> None:
+        """Decode a byte-tier chunk straight into the lowest memory tier with room, then copy it into the
+        memory tiers above that one."""
         try:
-            kv = self._fetch_bytes(key)
-            if kv is not None:
-                self._promote(key, kv, above=len(self.memory))
+            if self.expect is None:  # the chunk's shape is unknown here: decode, then copy in
+                kv = self._fetch_bytes(key)
+                if kv is not None:
+                    self._promote(key, kv, above=len(self.memory))
+                return
+            shape, dtype = self.expect
+            for level in reversed(range(len(self.memory))):
+                held = self.memory[level].put_with(key, shape, dtype,
+                                                   lambda dst: self._fetch_bytes(key, out=dst) is not None)
+                if held is not None:  # None: no room in this tier, try the one above
+                    if held:
+                        self._promote_from(self.memory[level], key, above=level)
+                    return
         except Exception:  # a prefetch is an optimization: log it, the read path fetches again
             log.exception("prefetch of chunk %s failed", key.name)
 

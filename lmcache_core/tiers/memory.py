@@ -1,10 +1,12 @@
 """Memory tiers: L1 (tensors on the serving device) and L2 (one pinned CPU arena, sub-allocated).
 
 Both keep staging tensors `[L, KV, N, H, D]` under an LRU with pinned/hot protection and a byte cap.
-A put is two-phase: space is reserved and filled first, and the key becomes visible only when the copy is
-complete, so a concurrent reader never sees half a chunk. When room is needed, least recently used
-unprotected entries are evicted; the `on_evict` callback (set by the engine) sees each victim first, so it
-can demote it to a lower tier (write-back).
+A put is two-phase: space is reserved and filled first (`put` copies a tensor in, `put_with` lets the
+caller write the entry, e.g. decode straight into it), and the key becomes visible only when the fill is
+complete, so a concurrent reader never sees half a chunk. `read_with` hands a reader the entry itself
+under the tier's lock (no copy), e.g. to scatter it into a paged cache. When room is needed, least
+recently used unprotected entries are evicted; the `on_evict` callback (set by the engine) sees each victim
+first, so it can demote it to a lower tier (write-back).
 """
 
 import threading
@@ -100,6 +102,17 @@ class MemoryTier(Tier[torch.Tensor]):
                 out.append(None if t is None else t.clone())
         return out
 
+    def read_with(self, key: ChunkKey, fn: Callable[[torch.Tensor], object], *, count: bool = True) -> bool:
+        """Call fn(entry) with the stored tensor itself, under the lock (no copy: fn must only read it, and
+        must not keep it, take this tier's lock from another thread, or wait for one that does); False for
+        a miss. count=False: an internal copy (promotion), kept out of the hit/miss counters and recency."""
+        with self._lock:
+            t = self._hit(key) if count else self._entries.get(key)
+            if t is None:
+                return False
+            fn(t)
+            return True
+
     def read_into(self, items: Sequence[tuple[ChunkKey, torch.Tensor]]) -> list[bool]:
         """Copy each key's tensor into its destination (any device) under the lock; False for a miss."""
         found = []
@@ -124,8 +137,11 @@ class MemoryTier(Tier[torch.Tensor]):
     # -- writes -----------------------------------------------------------------------------------------
 
     def _nbytes(self, t: torch.Tensor) -> int:
+        return self._entry_bytes(t.nbytes)
+
+    def _entry_bytes(self, nbytes: int) -> int:
         sized = getattr(self._alloc, "entry_bytes", None)
-        return sized(t.nbytes) if sized else t.nbytes
+        return sized(nbytes) if sized else nbytes
 
     def _make_room(self, nbytes: int) -> bool:
         if nbytes > self.capacity:
@@ -151,34 +167,39 @@ class MemoryTier(Tier[torch.Tensor]):
 
     def put(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None) -> list[bool]:
         """Copy each tensor in; with `hot_ttl`, the new entries are hot for that long (pin=True stores)."""
-        stored = []
-        for key, src in items:
+        return [bool(self.put_with(key, src.shape, src.dtype, lambda dst, src=src: dst.copy_(src) is not None,
+                                   hot_ttl=hot_ttl)) for key, src in items]
+
+    def put_with(self, key: ChunkKey, shape, dtype: torch.dtype, fill: Callable[[torch.Tensor], bool], *,
+                 hot_ttl: float | None = None) -> bool | None:
+        """Store an entry of `shape` and `dtype` whose bytes `fill(dst)` writes, outside the lock; the key
+        becomes visible once fill returned True. Returns True when the key is held now (already held: fill
+        is not called), False when fill returned False (nothing stored), None when there is no room (fill
+        is not called)."""
+        with self._lock:
+            if key in self._entries:
+                self._policy.touch(key)
+                return True
+            nbytes = self._entry_bytes(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+            dst = self._alloc.alloc(shape, dtype) if self._make_room(nbytes) else None
+            if dst is None:
+                return None
+            self._used += self._nbytes(dst)  # reserved: counted, not yet visible
+        filled = False
+        try:
+            filled = fill(dst)  # outside the lock; the key is not visible yet
+        finally:
             with self._lock:
-                if key in self._entries:
-                    self._policy.touch(key)
-                    stored.append(True)
-                    continue
-                dst = None
-                if self._make_room(self._nbytes(src)):
-                    dst = self._alloc.alloc(src.shape, src.dtype)
-                if dst is None:
-                    stored.append(False)
-                    continue
-                self._used += self._nbytes(dst)  # reserved: counted, not yet visible
-            dst.copy_(src)  # outside the lock; the key is not visible yet
-            with self._lock:
-                if key in self._entries:  # a concurrent put of the same chunk won the race
+                if not filled or key in self._entries:  # fill failed, or a concurrent put of the chunk won
                     self._used -= self._nbytes(dst)
                     self._alloc.free(dst)
-                    stored.append(True)
-                    continue
-                self._entries[key] = dst
-                self._policy.add(key, self._nbytes(dst))
-                if hot_ttl is not None:
-                    self._policy.make_hot(key, hot_ttl)
-                self.stats.bytes_written += dst.nbytes
-            stored.append(True)
-        return stored
+                else:
+                    self._entries[key] = dst
+                    self._policy.add(key, self._nbytes(dst))
+                    if hot_ttl is not None:
+                        self._policy.make_hot(key, hot_ttl)
+                    self.stats.bytes_written += dst.nbytes
+        return bool(filled)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         with self._lock:

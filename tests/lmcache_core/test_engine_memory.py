@@ -259,3 +259,109 @@ def test_store_and_retrieve_from_a_chunk_boundary():
     assert_bytes_equal(out, kv[:, :, 16:80], "from chunk 1")
     with pytest.raises(ValueError, match=r"start: expected a token position that is a multiple of chunk_size=16, got 5"):
         e.retrieve(toks, start=5)
+
+
+# -- keys=, retrieve_chunks, and the memory tier's in-place reads and fills ------------------------------------
+
+def test_keys_passed_in_give_the_same_answers_without_hashing(monkeypatch):
+    import lmcache_core.engine as engine_module
+
+    a, b = make_engine(64, 64), make_engine(64, 64)
+    toks, kv, longer = tokens(100), kv_for(100), tokens(160, seed=3)
+    keys, longer_keys = b.keys(toks, namespace="t"), b.keys(longer)
+    assert len(keys) == 6
+    hashed = []
+    real = engine_module.chunk_hashes
+    monkeypatch.setattr(engine_module, "chunk_hashes", lambda *a, **k: hashed.append(1) or real(*a, **k))
+    assert a.store(toks, kv, namespace="t") == b.store(toks, kv, namespace="t", keys=keys) == 96
+    assert a.lookup(toks, namespace="t") == b.lookup(toks, namespace="t", keys=keys) == 96
+    (n1, out1), (n2, out2) = a.retrieve(toks, namespace="t"), b.retrieve(toks, namespace="t", keys=keys)
+    assert n1 == n2 == 96
+    assert_bytes_equal(out2, out1, "retrieve(keys=)")
+    assert len(hashed) == 3  # a's three calls; none of b's
+    assert b.retrieve(toks, start=2 * CS, namespace="t", keys=keys)[0] == 64
+    assert b.retrieve_chunks(toks, lambda i, kv: None, namespace="t", keys=keys) == 96
+    assert b.claim(longer, owner="r", keys=longer_keys).state == "compute"
+    assert b.claim(longer, owner="other", keys=longer_keys).state == "busy"
+    b.release(longer, owner="r", keys=longer_keys)
+    assert b.claim(longer, owner="other", keys=longer_keys).state == "compute"  # released: free again
+    assert b.pin(toks, namespace="t", keys=keys) == 96
+    b.unpin(toks, namespace="t", keys=keys)
+    assert len(hashed) == 3
+    with pytest.raises(ValueError, match=r"keys: expected 6 chunk keys for 100 tokens \(chunk_size=16\), got 5"):
+        b.lookup(toks, keys=keys[:5])
+
+
+@pytest.mark.parametrize("l1,l2", [(64, 0), (0, 64), (64, 64)], ids=["L1", "L2", "L1+L2"])
+def test_retrieve_chunks_hands_over_each_chunk_in_order(l1, l2):
+    e = make_engine(l1, l2)
+    toks, kv = tokens(100), kv_for(100)
+    e.store(toks, kv)
+    seen = []
+    assert e.retrieve_chunks(toks, lambda i, c: seen.append((i, c.clone()))) == 96
+    assert [i for i, _ in seen] == list(range(6))
+    assert_bytes_equal(torch.cat([c for _, c in seen], dim=2), kv[:, :, :96], "chunks handed over")
+    seen.clear()
+    assert e.retrieve_chunks(toks, lambda i, c: seen.append((i, c.clone())), start=4 * CS) == 2 * CS
+    assert_bytes_equal(torch.cat([c for _, c in seen], dim=2), kv[:, :, 64:96], "from a chunk boundary")
+    assert e.retrieve_chunks(tokens(100, seed=9), lambda i, c: None) == 0
+
+
+def test_retrieve_chunks_from_l1_reads_the_entry_in_place_and_promotes_l2_hits():
+    e = make_engine(64, 64)
+    toks, kv = tokens(64), kv_for(64)
+    e.store(toks, kv)
+    l1 = e.tiers.memory[0]
+    entries = {l1._entries[k].data_ptr() for k in e.keys(toks)}
+    handed = []
+    e.retrieve_chunks(toks, lambda i, c: handed.append(c.data_ptr()))
+    assert set(handed) == entries  # the entries themselves: no copy
+    l1.clear()
+    before = e.stats()
+    e.retrieve_chunks(toks, lambda i, c: None)
+    after = e.stats()
+    assert after["L2"]["hits"] - before["L2"]["hits"] == 4 and after["L1"]["hits"] == before["L1"]["hits"]
+    assert l1.contains(e.keys(toks)) == [True] * 4  # promoted without counting L2 hits twice
+    n, out = e.retrieve(toks)
+    assert n == 64 and e.stats()["L1"]["hits"] - after["L1"]["hits"] == 4
+    assert_bytes_equal(out, kv, "promoted copies")
+
+
+def test_retrieve_chunks_stops_where_consume_raises():
+    e = make_engine(0, 64)
+    toks, kv = tokens(64), kv_for(64)
+    e.store(toks, kv)
+    seen = []
+
+    def consume(i, c):
+        if i == 2:
+            raise RuntimeError("scatter failed")
+        seen.append(i)
+
+    with pytest.raises(RuntimeError, match="scatter failed"):
+        e.retrieve_chunks(toks, consume)
+    assert seen == [0, 1]
+
+
+def test_memory_tier_put_with_and_read_with():
+    from lmcache_core.keys import ChunkKey
+    from lmcache_core.tiers.memory import ArenaAllocator, MemoryTier
+
+    tier = MemoryTier("L2", 2 * 64, ArenaAllocator(2 * 64, pin=False), max_protected_bytes=0)
+    k1, k2, k3 = (ChunkKey(b"f" * 16, bytes([i]) * 16) for i in range(3))
+    ones = torch.ones(16, dtype=torch.float32)
+    assert tier.put_with(k1, (16,), torch.float32, lambda dst: dst.fill_(1.0) is not None) is True
+    assert tier.put_with(k2, (16,), torch.float32, lambda dst: False) is False  # fill failed: nothing stored
+    assert tier.usage().entries == 1 and tier.usage().used_bytes == 64
+    with pytest.raises(ZeroDivisionError):
+        tier.put_with(k2, (16,), torch.float32, lambda dst: 1 / 0)
+    assert tier.usage().used_bytes == 64 and not tier.contains([k2])[0]  # the reservation was given back
+    called = []
+    assert tier.put_with(k1, (16,), torch.float32, lambda dst: called.append(1)) is True and not called
+    assert tier.put_with(k3, (64,), torch.float32, lambda dst: called.append(1)) is None and not called  # no room
+    got = []
+    assert tier.read_with(k1, lambda t: got.append(t.clone()))
+    assert torch.equal(got[0], ones) and tier.stats.hits == 1
+    assert tier.read_with(k1, lambda t: None, count=False) and tier.stats.hits == 1
+    assert not tier.read_with(k2, lambda t: None) and tier.stats.misses == 1
+    assert not tier.read_with(k2, lambda t: None, count=False) and tier.stats.misses == 1

@@ -93,8 +93,8 @@ def test_threads_random_operations_small_caps(l3_root, policy):
         finally:
             in_pin.on = False
 
-    def counted_fetch_bytes(key):
-        kv = fetch_bytes(key)
+    def counted_fetch_bytes(key, out=None):
+        kv = fetch_bytes(key, out=out)
         if getattr(in_pin, "on", False):
             with lock:
                 pin_reads["asked"] += 1
