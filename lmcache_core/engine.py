@@ -118,10 +118,16 @@ class CacheEngine:
         or taken from the first store)."""
         if self.spec is None:
             return []
-        salt = self.config.cache_salt + ("\x00" + namespace if namespace else "")
-        hashes = chunk_hashes(token_ids, chunk_size=self.config.chunk_size, mode=mode, salt=salt.encode())
-        fingerprint = self.spec.fingerprint
-        return [ChunkKey(fingerprint, h) for h in hashes]
+        hashes = chunk_hashes(token_ids, chunk_size=self.config.chunk_size, mode=mode, salt=self.salt(namespace))
+        return self.keys_of(hashes)
+
+    def salt(self, namespace: str | None = None) -> bytes:
+        """What `keys` mixes into every chunk hash: `cache_salt` and the namespace."""
+        return (self.config.cache_salt + ("\x00" + namespace if namespace else "")).encode()
+
+    def keys_of(self, chunk_hashes_: Sequence[bytes]) -> list[ChunkKey]:
+        """Keys of chunk hashes computed elsewhere (with `salt()`), e.g. a prompt's segment chunks."""
+        return [ChunkKey(self.spec.fingerprint, h) for h in chunk_hashes_] if self.spec is not None else []
 
     def _keys(self, token_ids, mode: str, namespace: str | None, keys: Sequence[ChunkKey] | None) -> list[ChunkKey]:
         """`keys` when the caller passed them (checked for length), else `keys()` of the tokens."""
@@ -238,6 +244,38 @@ class CacheEngine:
             got = self.tiers.read_each(keys[: len(run)], consume) if run else 0
         metrics.RETRIEVED_TOKENS.inc(got * self.config.chunk_size)
         return got * self.config.chunk_size
+
+    # -- segment chunks: stored with the position they were computed at, found at any position ----------
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether any tier holds each key (no hit counted, nothing moved)."""
+        return [t is not None for t in self.tiers.locate(keys)]
+
+    def store_positioned(self, items: Sequence[tuple[ChunkKey, torch.Tensor, int]]) -> int:
+        """Store chunks under explicit keys (`keys_of`), each a whole-chunk staging tensor
+        `[L, KV, chunk_size, H, D]` with the position its first token was computed at (recorded with it,
+        in the chunk header for disk and Redis). Returns chunks stored."""
+        if not items:
+            return 0
+        for _, kv, position in items:
+            self._check_kv(kv)
+            if kv.shape[2] != self.config.chunk_size:
+                raise ValueError(f"kv: expected one chunk of {self.config.chunk_size} tokens, got {kv.shape[2]}")
+            if not isinstance(position, int) or position < 0:
+                raise ValueError(f"position: expected a token position >= 0, got {position!r}")
+        with metrics.LATENCY.labels("store").time():
+            self.tiers.store([(key, kv) for key, kv, _ in items], positions=[p for _, _, p in items])
+        metrics.STORED_TOKENS.inc(len(items) * self.config.chunk_size)
+        return len(items)
+
+    def retrieve_positioned(self, keys: Sequence[ChunkKey],
+                            consume: Callable[[int, torch.Tensor, int], object]) -> int:
+        """Hand chunk keys[i] in order to `consume(i, kv, position)` (as `retrieve_chunks` does; position:
+        where its first token was computed, -1 when not recorded) while they are found; returns how many."""
+        with metrics.LATENCY.labels("retrieve").time():
+            got = self.tiers.read_each(list(keys), consume, with_position=True)
+        metrics.RETRIEVED_TOKENS.inc(got * self.config.chunk_size)
+        return got
 
     def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
             keys: Sequence[ChunkKey] | None = None) -> int:

@@ -48,7 +48,8 @@ class TierStack:
         self.expect: tuple[tuple[int, ...], torch.dtype] | None = None
         if write_policy == "write_back":
             for upper, lower in zip(self.memory, self.memory[1:]):
-                upper.on_evict = lambda key, t, lower=lower: lower.put([(key, t)])
+                upper.on_evict = lambda key, t, upper=upper, lower=lower: lower.put(
+                    [(key, t)], positions=[upper.position(key)])
             if self.memory and self.byte_tiers:
                 self.memory[-1].on_evict = self._demote_to_bytes
 
@@ -87,44 +88,52 @@ class TierStack:
         """Fill `outs[i]` with chunk `keys[i]` in order; returns how many leading chunks were read."""
         return self.read_each(keys, lambda i, kv: outs[i].copy_(kv))
 
-    def read_each(self, keys: Sequence[ChunkKey], consume: Callable[[int, torch.Tensor], object]) -> int:
+    def read_each(self, keys: Sequence[ChunkKey], consume: Callable[..., object], *,
+                  with_position: bool = False) -> int:
         """Hand chunk `keys[i]` to `consume(i, kv)` in order; returns how many leading chunks were handed over.
 
         kv is valid only during the call: a memory tier's own entry, read under that tier's lock (see
         `MemoryTier.read_with`: read it, never modify or keep it), or a chunk just decoded on the CPU. Memory
-        tiers hold chunks on their own device (L1: the engine's; L2: the CPU)."""
+        tiers hold chunks on their own device (L1: the engine's; L2: the CPU). with_position: consume(i, kv,
+        position), the position the chunk's first token was computed at (-1: not recorded)."""
         for i, key in enumerate(keys):
             future = self._prefetching.get(key)
             if future is not None:
                 future.result()  # a prefetch of this chunk is in flight: let it land in memory first
-            if not self._read_one(key, lambda kv, i=i: consume(i, kv)):
+            if with_position:
+                found = self._read_one(key, lambda kv, pos, i=i: consume(i, kv, pos))
+            else:
+                found = self._read_one(key, lambda kv, _pos, i=i: consume(i, kv))
+            if not found:
                 return i
         return len(keys)
 
-    def _read_one(self, key: ChunkKey, consume: Callable[[torch.Tensor], object]) -> bool:
-        """consume(kv) from the fastest tier holding `key`, then copy it into the memory tiers above that
-        one. Each tier is asked once, fastest first, so its hit and miss counters stay exact."""
+    def _read_one(self, key: ChunkKey, consume: Callable[[torch.Tensor, int], object]) -> bool:
+        """consume(kv, position) from the fastest tier holding `key`, then copy it into the memory tiers
+        above that one. Each tier is asked once, fastest first, so its hit and miss counters stay exact."""
         for level, tier in enumerate(self.memory):
-            if tier.read_with(key, consume):
+            # under the tier's lock: the position read is the entry's (RLock, same thread)
+            if tier.read_with(key, lambda kv, tier=tier: consume(kv, tier.position(key))):
                 self._promote_from(tier, key, above=level)
                 return True
-        kv = self._fetch_bytes(key)
-        if kv is None:
+        found = self._fetch_bytes(key, with_position=True)
+        if found is None:
             return False
-        consume(kv)
-        self._promote(key, kv, above=len(self.memory))
+        kv, position = found
+        consume(kv, position)
+        self._promote(key, kv, above=len(self.memory), position=position)
         return True
 
-    def _fetch_bytes(self, key: ChunkKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _fetch_bytes(self, key: ChunkKey, out: torch.Tensor | None = None, *, with_position: bool = False):
         """Read and decode `key` from the first byte tier that has a valid copy, or None. Decoded into `out`
-        when given (and then returned), else into a new CPU tensor."""
+        when given (and then returned), else into a new CPU tensor. with_position: (kv, position)."""
         for tier in self.byte_tiers:
             buf = tier.get([key])[0]
             if buf is None:
                 continue
             try:
-                kv, _position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
-                return kv
+                kv, position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
+                return (kv, position) if with_position else kv
             except CorruptChunkError as e:
                 log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
                             key.name, e)
@@ -132,9 +141,9 @@ class TierStack:
                 tier.delete([key])
         return None
 
-    def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int) -> None:
+    def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int, position: int = -1) -> None:
         for tier in self.memory[:above]:
-            tier.put([(key, kv)])
+            tier.put([(key, kv)], positions=[position])
 
     def _promote_from(self, source: MemoryTier, key: ChunkKey, above: int) -> None:
         """Copy `key` from memory tier `source` into memory[:above], entry to entry (no lock is held while
@@ -144,11 +153,12 @@ class TierStack:
         if self.expect is None:  # the chunk's shape is unknown here: take a copy first
             copies: list[torch.Tensor] = []
             if source.read_with(key, lambda t: copies.append(t.clone()), count=False):
-                self._promote(key, copies[0], above)
+                self._promote(key, copies[0], above, source.position(key))
             return
         shape, dtype = self.expect
         for tier in self.memory[:above]:
-            tier.put_with(key, shape, dtype, lambda dst: source.read_with(key, dst.copy_, count=False))
+            tier.put_with(key, shape, dtype, lambda dst: source.read_with(key, dst.copy_, count=False),
+                          position=lambda: source.position(key))
 
     def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
         """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""
@@ -177,14 +187,21 @@ class TierStack:
         memory tiers above that one."""
         try:
             if self.expect is None:  # the chunk's shape is unknown here: decode, then copy in
-                kv = self._fetch_bytes(key)
-                if kv is not None:
-                    self._promote(key, kv, above=len(self.memory))
+                found = self._fetch_bytes(key, with_position=True)
+                if found is not None:
+                    self._promote(key, found[0], above=len(self.memory), position=found[1])
                 return
             shape, dtype = self.expect
+            decoded: list[int] = []
+
+            def fill(dst: torch.Tensor) -> bool:
+                found = self._fetch_bytes(key, out=dst, with_position=True)
+                decoded.extend(found[1:] if found is not None else ())
+                return found is not None
+
             for level in reversed(range(len(self.memory))):
-                held = self.memory[level].put_with(key, shape, dtype,
-                                                   lambda dst: self._fetch_bytes(key, out=dst) is not None)
+                held = self.memory[level].put_with(key, shape, dtype, fill,
+                                                   position=lambda: decoded[-1] if decoded else -1)
                 if held is not None:  # None: no room in this tier, try the one above
                     if held:
                         self._promote_from(self.memory[level], key, above=level)
@@ -195,21 +212,23 @@ class TierStack:
     # -- writes -----------------------------------------------------------------------------------------
 
     def store(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
-              on_written=None) -> None:
+              on_written=None, positions: Sequence[int] | None = None) -> None:
         """Store chunks per the write policy; byte tiers are written in the background (see `flush`).
-        `on_written()` runs once every tier that will get the chunks now has them."""
+        `on_written()` runs once every tier that will get the chunks now has them. positions: where each
+        chunk's first token was computed (kept with segment chunks; -1 or None: not recorded)."""
+        positions = list(positions) if positions is not None else [-1] * len(items)
         if self.memory and items:
-            self.memory[0].put(items, hot_ttl=hot_ttl)
+            self.memory[0].put(items, hot_ttl=hot_ttl, positions=positions)
         to_bytes = self.byte_tiers and items and (self.write_policy == "write_through" or not self.memory)
         if self.write_policy == "write_through":
             for tier in self.memory[1:]:
-                tier.put(items, hot_ttl=hot_ttl)
+                tier.put(items, hot_ttl=hot_ttl, positions=positions)
         if not to_bytes:
             if on_written is not None:
                 on_written()
             return
         cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
-        future = self._writer.submit(self._write_bytes, cpu_items, on_written)
+        future = self._writer.submit(self._write_bytes, cpu_items, on_written, positions)
         with self._lock:
             self._pending_writes.add(future)
         future.add_done_callback(self._write_done)
@@ -220,15 +239,17 @@ class TierStack:
         if future.exception() is not None:
             log.error("background write failed: %r", future.exception())
 
-    def _write_bytes(self, items, on_written=None) -> None:
+    def _write_bytes(self, items, on_written=None, positions=None) -> None:
         """Write each chunk to every byte tier that lacks it (encoding each chunk at most once)."""
+        positions = positions if positions is not None else [-1] * len(items)
         try:
             keys = [key for key, _ in items]
             missing = [tier.contains(keys) for tier in self.byte_tiers]
             blobs = {}
             for i, (key, kv) in enumerate(items):
                 if not all(present[i] for present in missing):
-                    blobs[key] = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret)
+                    blobs[key] = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret,
+                                              position=positions[i])
             for tier, present in zip(self.byte_tiers, missing):
                 todo = [(key, blobs[key]) for key, hit in zip(keys, present) if not hit]
                 if todo:
@@ -238,7 +259,8 @@ class TierStack:
                 on_written()
 
     def _demote_to_bytes(self, key: ChunkKey, kv: torch.Tensor) -> None:
-        blob = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret)
+        blob = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret,
+                            position=self.memory[-1].position(key))
         for tier in self.byte_tiers:
             if tier.put([(key, blob)])[0]:
                 return

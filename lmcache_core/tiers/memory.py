@@ -82,6 +82,7 @@ class MemoryTier(Tier[torch.Tensor]):
         self.device = getattr(allocator, "device", torch.device("cpu"))
         self._alloc = allocator
         self._entries: dict[ChunkKey, torch.Tensor] = {}
+        self._positions: dict[ChunkKey, int] = {}  # where an entry's first token was computed, when known
         self._policy = LRUPolicy(max_protected_bytes, hot_hit_threshold, hot_ttl)
         self._used = 0
         self._lock = threading.RLock()
@@ -112,6 +113,11 @@ class MemoryTier(Tier[torch.Tensor]):
                 return False
             fn(t)
             return True
+
+    def position(self, key: ChunkKey) -> int:
+        """The position the entry's first token was computed at (segment chunks), or -1 (unknown/absent)."""
+        with self._lock:
+            return self._positions.get(key, -1)
 
     def read_into(self, items: Sequence[tuple[ChunkKey, torch.Tensor]]) -> list[bool]:
         """Copy each key's tensor into its destination (any device) under the lock; False for a miss."""
@@ -161,21 +167,25 @@ class MemoryTier(Tier[torch.Tensor]):
 
     def _remove(self, key: ChunkKey) -> None:
         t = self._entries.pop(key)
+        self._positions.pop(key, None)
         self._policy.remove(key)
         self._used -= self._nbytes(t)
         self._alloc.free(t)
 
-    def put(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None) -> list[bool]:
-        """Copy each tensor in; with `hot_ttl`, the new entries are hot for that long (pin=True stores)."""
+    def put(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
+            positions: Sequence[int] | None = None) -> list[bool]:
+        """Copy each tensor in; with `hot_ttl`, the new entries are hot for that long (pin=True stores);
+        `positions`: where each chunk's first token was computed (segment chunks), -1 for unknown."""
+        positions = positions if positions is not None else [-1] * len(items)
         return [bool(self.put_with(key, src.shape, src.dtype, lambda dst, src=src: dst.copy_(src) is not None,
-                                   hot_ttl=hot_ttl)) for key, src in items]
+                                   hot_ttl=hot_ttl, position=pos)) for (key, src), pos in zip(items, positions)]
 
     def put_with(self, key: ChunkKey, shape, dtype: torch.dtype, fill: Callable[[torch.Tensor], bool], *,
-                 hot_ttl: float | None = None) -> bool | None:
+                 hot_ttl: float | None = None, position: int | Callable[[], int] = -1) -> bool | None:
         """Store an entry of `shape` and `dtype` whose bytes `fill(dst)` writes, outside the lock; the key
         becomes visible once fill returned True. Returns True when the key is held now (already held: fill
         is not called), False when fill returned False (nothing stored), None when there is no room (fill
-        is not called)."""
+        is not called). position: the entry's (see `position`), or a function giving it once fill ran."""
         with self._lock:
             if key in self._entries:
                 self._policy.touch(key)
@@ -195,6 +205,9 @@ class MemoryTier(Tier[torch.Tensor]):
                     self._alloc.free(dst)
                 else:
                     self._entries[key] = dst
+                    pos = position() if callable(position) else position
+                    if pos >= 0:
+                        self._positions[key] = pos
                     self._policy.add(key, self._nbytes(dst))
                     if hot_ttl is not None:
                         self._policy.make_hot(key, hot_ttl)
