@@ -43,9 +43,33 @@ class SaveSpec:
 
 
 @dataclass
+class SegmentLoadSpec:
+    """Load positions [start, end) from cached segment chunks (after the request's LoadSpec, if any): chunk
+    i holds positions [chunks[i][1], chunks[i][1] + chunks[i][2]) of this prompt; K is re-rotated from where
+    each chunk was computed to these positions."""
+
+    req_id: str
+    chunks: list[tuple]  # (ChunkKey, start position in this prompt, tokens), consecutive, in order
+    start: int
+    end: int
+    slots: torch.Tensor  # int64 [end - start]
+
+
+@dataclass
+class SegmentSaveSpec:
+    """Store segment chunks this prompt computed: (ChunkKey, start position, tokens) with their slots."""
+
+    req_id: str
+    chunks: list[tuple]
+    slots: list[torch.Tensor]  # per chunk, int64 [tokens]
+
+
+@dataclass
 class LMCacheCoreMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    segment_loads: list[SegmentLoadSpec] = field(default_factory=list)
+    segment_saves: list[SegmentSaveSpec] = field(default_factory=list)
     # Requests whose failed load the scheduler has seen (and re-planned the saves of): the worker may save
     # their chunks again. Until then it saves none of them, even with async scheduling's step in flight.
     failures_seen: set[str] = field(default_factory=set)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from lmcache_core import metrics
 
 from . import registry
-from .metadata import LMCacheCoreMetadata, LoadSpec, SaveSpec, slots_for
+from .metadata import LMCacheCoreMetadata, LoadSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
+from .segments import SegmentError, SegmentPlan, parse_separator, request_spans
 from .spec import ConnectorSettings, attention_spec, configured_layout, kv_spec
 from .stats import LMCacheCoreStats
 
@@ -36,6 +37,10 @@ class _Request:
     computed_at_ask: int = 0  # vLLM's own computed tokens at the last ask
     pending_load: tuple[int, int] | None = None  # [start, end) accepted by vLLM, not yet sent to the worker
     stored_chunks: int = 0  # chunks [0, stored_chunks) are in the cache or on their way there
+    segments: SegmentPlan | None = None  # segment reuse: the prompt's segment chunks
+    prefix_hit: int = 0  # exact prefix tokens cached, at the last ask
+    # Chunks past this many hold KV computed after loaded segments (approximate): never stored as prefix.
+    prefix_save_limit: int | None = None
 
 
 def namespace_of(request) -> str | None:
@@ -65,7 +70,10 @@ class SchedulerHalf:
         self.engine = registry.shared_engine(cache, spec)
         self.chunk_size = cache.chunk_size
         self.block_size = attention_spec(kv_cache_config).block_size
-        self.whole_blocks = layout.whole_blocks  # loads must end on a block boundary (vllm_cpu)
+        self.whole_blocks = layout.whole_blocks  # prefix loads end on a block boundary (vllm_cpu)
+        self.segment_reuse = cache.segment_reuse
+        self.separator = (parse_separator(cache.segment_separator, _tokenizer(vllm_config))
+                          if cache.segment_reuse else None)
         self.kv_cache_manager = None
         self.stats = LMCacheCoreStats()
         self._reqs: dict[str, _Request] = {}
@@ -79,7 +87,17 @@ class SchedulerHalf:
             prompt, namespace = list(request.prompt_token_ids), namespace_of(request)
             keys = self.engine.keys(prompt, namespace=namespace)
             st = self._reqs[request.request_id] = _Request(prompt, namespace, keys)
+            if self.segment_reuse:
+                st.segments = self._segment_plan(request, st)
         return st
+
+    def _segment_plan(self, request, st: _Request) -> SegmentPlan | None:
+        try:
+            spans = request_spans(st.prompt, getattr(request, "kv_transfer_params", None), self.separator)
+        except SegmentError as e:  # a bad request parameter costs the request its segment reuse, not more
+            log.warning("lmcache: request %s: %s; segment reuse off for it", request.request_id, e)
+            return None
+        return SegmentPlan.build(self.engine, st.prompt, spans, st.namespace) if spans else None
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
@@ -108,8 +126,14 @@ class SchedulerHalf:
         st.busy_since = None
         st.computed_at_ask = num_computed_tokens
         usable = min(hit, request.num_tokens - 1)  # the last token is always computed: it yields logits
-        if self.whole_blocks:  # vLLM's num_computed_tokens is block-aligned here, so whole blocks only
+        st.prefix_hit = usable
+        extended = st.segments.extend(usable, request.num_tokens - 1) if st.segments is not None else usable
+        if extended > usable:  # cached segments continue the run; moved per token (any position)
+            usable = extended
+            st.prefix_save_limit = st.prefix_hit // cs
+        elif self.whole_blocks:  # vLLM's num_computed_tokens is block-aligned here, so whole blocks only
             usable -= usable % self.block_size
+            st.prefix_hit = usable
         st.stored_chunks = max(st.stored_chunks, hit // cs)
         return max(0, usable - num_computed_tokens), False
 
@@ -143,11 +167,27 @@ class SchedulerHalf:
                 start, end = st.pending_load
                 st.pending_load = None
                 block_ids = self._block_ids(req_id)
-                whole = -(-end // cs) * cs
-                meta.loads.append(LoadSpec(req_id, st.prompt[:whole], st.namespace, start, end,
-                                           slots_for(block_ids, bs, start, end)))
-            # Chunks whose every token has KV by the end of this step (chunked prefill: maybe not all yet).
-            done = min(num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), len(st.prompt)) // cs
+                prefix_end = min(end, max(start, st.prefix_hit))
+                if prefix_end > start:
+                    whole = -(-prefix_end // cs) * cs
+                    meta.loads.append(LoadSpec(req_id, st.prompt[:whole], st.namespace, start, prefix_end,
+                                               slots_for(block_ids, bs, start, prefix_end)))
+                if end > prefix_end:
+                    meta.segment_loads.append(SegmentLoadSpec(
+                        req_id, st.segments.load_pieces(prefix_end, end), prefix_end, end,
+                        slots_for(block_ids, bs, prefix_end, end)))
+            # Tokens with KV by the end of this step (chunked prefill: maybe not all yet).
+            computed = min(num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), len(st.prompt))
+            if st.segments is not None:
+                todo = st.segments.take_saves(computed)
+                if todo:
+                    block_ids = block_ids if block_ids is not None else self._block_ids(req_id)
+                    meta.segment_saves.append(SegmentSaveSpec(
+                        req_id, [(st.segments.keys[i], c.start, c.length) for i, c in todo],
+                        [slots_for(block_ids, bs, c.start, c.end) for _, c in todo]))
+            done = computed // cs
+            if st.prefix_save_limit is not None:
+                done = min(done, st.prefix_save_limit)
             if done > st.stored_chunks:
                 block_ids = block_ids if block_ids is not None else self._block_ids(req_id)
                 meta.saves.append(SaveSpec(req_id, st.prompt[:done * cs], st.namespace,
@@ -172,3 +212,15 @@ class SchedulerHalf:
 
     def take_stats(self) -> LMCacheCoreStats | None:
         return self.stats.take()
+
+
+def _tokenizer(vllm_config):
+    """text -> token ids with the model's tokenizer (for a text segment_separator), loaded on first use."""
+    def tokenize(text: str) -> list[int]:
+        from transformers import AutoTokenizer
+
+        mc = vllm_config.model_config
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
+        return tok.encode(text, add_special_tokens=False)
+
+    return tokenize

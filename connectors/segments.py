@@ -16,7 +16,7 @@ configured (`segment_reuse: true`), and a request can opt out (`kv_transfer_para
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kernels import chunk_hashes
@@ -121,16 +121,68 @@ def segment_chunks(token_ids, spans: Sequence[tuple[int, int]], chunk_size: int,
 
 def leading_run(start: int, chunks: Sequence[SegmentChunk], cached: Sequence[bool], limit: int) -> list[SegmentChunk]:
     """The segment chunks that extend a run of loadable tokens from `start` (where exact prefix reuse
-    ended): consecutive cached chunks beginning exactly at `start`, none ending past `limit`."""
+    ended): consecutive cached chunks, the first one holding position `start` (prefix chunks and segment
+    chunks are cut on different grids: its part from `start` on is loaded), none ending past `limit`."""
     run, pos = [], start
     for chunk, hit in zip(chunks, cached):
         if chunk.end <= pos:
             continue
-        if chunk.start != pos or not hit or chunk.end > limit:
+        if chunk.start > pos or not hit or chunk.end > limit:
             break
         run.append(chunk)
         pos = chunk.end
     return run
+
+
+def request_spans(prompt, params: dict | None, separator: tuple[int, ...] | None) -> list[tuple[int, int]] | None:
+    """A request's segment spans: its explicit `kv_transfer_params["segments"]`, else the separator's; None
+    when it opted out (`"segment_reuse": false`) or nothing delimits segments."""
+    params = params or {}
+    if params.get("segment_reuse", True) is False:
+        return None
+    if "segments" in params:
+        return check_segments(params["segments"], len(prompt))
+    return split_at_separator(prompt, separator) if separator else None
+
+
+@dataclass
+class SegmentPlan:
+    """One request's segment chunks, which were cached when it was first asked about, the run it loads, and
+    which computed chunks it has stored."""
+
+    chunks: list[SegmentChunk]
+    keys: list  # ChunkKey per chunk
+    cached: list[bool]
+    run: list[int] = field(default_factory=list)  # indices of the chunks the accepted load covers
+    saved: set[int] = field(default_factory=set)  # indices stored (or cached already)
+
+    @classmethod
+    def build(cls, engine, prompt, spans, namespace: str | None) -> "SegmentPlan | None":
+        chunks = segment_chunks(prompt, spans, engine.config.chunk_size, salt=engine.salt(namespace))
+        if not chunks:
+            return None
+        keys = engine.keys_of([c.chunk_hash for c in chunks])
+        cached = engine.contains(keys)
+        return cls(chunks, keys, cached, saved={i for i, hit in enumerate(cached) if hit})
+
+    def extend(self, start: int, limit: int) -> int:
+        """Where the loadable run that exact prefix reuse ended at `start` ends, with cached segment chunks
+        (none ending past `limit`); remembers the chunks it uses."""
+        run = leading_run(start, self.chunks, self.cached, limit)
+        index = {id(c): i for i, c in enumerate(self.chunks)}
+        self.run = [index[id(c)] for c in run]
+        return run[-1].end if run else start
+
+    def load_pieces(self, start: int, end: int) -> list[tuple]:
+        """(key, chunk start, tokens) of the run's chunks that overlap [start, end)."""
+        return [(self.keys[i], self.chunks[i].start, self.chunks[i].length) for i in self.run
+                if self.chunks[i].start < end and self.chunks[i].end > start]
+
+    def take_saves(self, computed: int) -> list[tuple[int, SegmentChunk]]:
+        """Chunks not cached yet whose tokens all have KV once `computed` tokens are computed; marked saved."""
+        out = [(i, c) for i, c in enumerate(self.chunks) if i not in self.saved and c.end <= computed]
+        self.saved.update(i for i, _ in out)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------

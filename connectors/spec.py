@@ -17,7 +17,7 @@ from .layouts import DetectedLayout, detect_layout, expected_logical_shape
 log = logging.getLogger(__name__)
 
 # kv_connector_extra_config keys the connector reads itself; every other key is a CacheConfig override.
-CONNECTOR_KEYS = ("kv_load_failure_policy",)
+CONNECTOR_KEYS = ("kv_load_failure_policy", "segment_rerotate")
 FAILURE_POLICIES = ("recompute", "fail")
 
 
@@ -27,6 +27,9 @@ class ConnectorSettings:
     # A failed or unverifiable load: "recompute" (vLLM recomputes those blocks; default, a cache fault is a
     # miss) or "fail" (vLLM fails the request, its own default for P/D transfers).
     kv_load_failure_policy: str = "recompute"
+    # Segment reuse re-rotates a loaded segment's K to its new positions; False skips that (a diagnostic,
+    # to measure what re-rotation is worth: bench.ttft's ours-segment-norotate).
+    segment_rerotate: bool = True
 
 
 def load_settings(extra_config: Mapping[str, Any] | None) -> ConnectorSettings:
@@ -37,7 +40,10 @@ def load_settings(extra_config: Mapping[str, Any] | None) -> ConnectorSettings:
     if policy not in FAILURE_POLICIES:
         raise ConfigError(f"kv_connector_extra_config: kv_load_failure_policy: expected one of "
                           f"{FAILURE_POLICIES}, got {policy!r}")
-    return ConnectorSettings(CacheConfig.load(overrides=extra), policy)
+    rerotate = own.get("segment_rerotate", True)
+    if not isinstance(rerotate, bool):
+        raise ConfigError(f"kv_connector_extra_config: segment_rerotate: expected true or false, got {rerotate!r}")
+    return ConnectorSettings(CacheConfig.load(overrides=extra), policy, rerotate)
 
 
 def model_fingerprint(model_config) -> str:

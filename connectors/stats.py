@@ -12,6 +12,8 @@ collectors (lmcache_core.metrics there is only visible on the engine's own `metr
     vllm:lmcache_loaded_tokens_total      tokens scattered into vLLM's cache (beyond vLLM's own prefix hits)
     vllm:lmcache_load_failed_tokens_total tokens whose load failed or did not verify (vLLM recomputed them)
     vllm:lmcache_stored_tokens_total      tokens of chunks handed to the cache engine to store
+    vllm:lmcache_segment_loaded_tokens_total  of loaded_tokens, those from segment chunks (segment reuse)
+    vllm:lmcache_segment_stored_tokens_total  tokens of segment chunks handed to the cache to store
     vllm:lmcache_hit_rate                 hit_tokens / lookup_tokens since start (gauge)
 """
 
@@ -20,7 +22,8 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-COUNTERS = ("requests", "lookup_tokens", "hit_tokens", "loaded_tokens", "load_failed_tokens", "stored_tokens")
+COUNTERS = ("requests", "lookup_tokens", "hit_tokens", "loaded_tokens", "load_failed_tokens", "stored_tokens",
+            "segment_loaded_tokens", "segment_stored_tokens")
 _HELP = {
     "requests": "Requests looked up in the LMCache-core cache (once per request).",
     "lookup_tokens": "Full-chunk prompt tokens looked up.",
@@ -28,6 +31,8 @@ _HELP = {
     "loaded_tokens": "Tokens loaded from the cache into vLLM's KV cache.",
     "load_failed_tokens": "Tokens whose load failed or did not verify (recomputed by vLLM).",
     "stored_tokens": "Tokens of chunks handed to the cache to store.",
+    "segment_loaded_tokens": "Of the loaded tokens, those from cached segments (position-independent reuse).",
+    "segment_stored_tokens": "Tokens of segment chunks handed to the cache to store.",
 }
 
 

@@ -29,6 +29,8 @@ from kernels.paged_kv import resolve_paged
 from . import registry
 from .layouts import detect_layout
 from .metadata import LMCacheCoreMetadata
+from .segment_io import TokenMover, padded, rerotate
+from .segments import rope_params
 from .spec import ConnectorSettings, attention_spec, backend_name, configured_layout, kv_spec, vllm_layout_name
 from .stats import LMCacheCoreStats
 
@@ -64,6 +66,8 @@ class WorkerHalf:
         self._failed_blocks: set[int] = set()
         self._failed_loads: dict[str, int] = {}  # this step's: request -> first position that did not load
         self._no_saves: set[str] = set()  # failed loads the scheduler has not re-planned yet
+        self.mover: TokenMover | None = None  # segment reuse: per-token moves at any position
+        self.rope = None  # segment reuse: the model's RoPE (refused at start-up when it cannot be re-rotated)
 
     # -- start-up -----------------------------------------------------------------------------------------
 
@@ -100,6 +104,10 @@ class WorkerHalf:
             raise KVLayoutError(f"kv cache: tensors give (layers, kv, heads, head dim, dtype) = {got} and kernel "
                                 f"block {pk.block_size}; the configuration says {want} and block {attn.block_size}")
         self.engine = registry.shared_engine(self.settings.cache, spec, device=pk.base.device)
+        if self.settings.cache.segment_reuse:
+            self.rope = rope_params(self.vllm_config, pk.head_dim)
+            self.mover = TokenMover(self.caches, self.layout, cpu_blocks=detected.whole_blocks,
+                                    block_size=self.block_size)
         log.info("lmcache: %d layers, backend %s, vLLM layout %s -> %s, chunk %d tokens", pk.num_layers, backend,
                  vllm_layout, detected.name, spec.chunk_size)
 
@@ -120,6 +128,8 @@ class WorkerHalf:
         self._loaded_meta = meta
         for spec in meta.loads:
             self._load_one(spec)
+        for spec in meta.segment_loads:
+            self._load_segments(spec)
 
     def _load_one(self, spec) -> None:
         engine, device = self.engine, self.engine.device
@@ -142,18 +152,53 @@ class WorkerHalf:
         except Exception as e:  # a tier fault is a miss, never an error for the request
             log.warning("lmcache: retrieve for request %s failed: %r", spec.req_id, e)
         good = loaded
-        if good < spec.end:  # never leave stale bytes where vLLM was promised KV: zero them, then report
-            bad = slots[good - spec.start:]
-            zeros = torch.zeros(engine.spec.chunk_shape(bad.numel()), dtype=getattr(torch, engine.spec.dtype),
-                                device=device)
-            scatter_kv(zeros, self.caches, bad, self.layout, validate=False)
-            self._failed_blocks.update((bad // self.block_size).unique().tolist())
-            self._failed_loads[spec.req_id] = min(good, self._failed_loads.get(spec.req_id, good))
-            self._no_saves.add(spec.req_id)
-            self.stats.add("load_failed_tokens", spec.end - good)
-            log.warning("lmcache: request %s: loaded %d of %d tokens; vLLM recomputes the rest", spec.req_id,
-                        good - spec.start, spec.end - spec.start)
+        if good < spec.end:
+            self._fail(spec, good, slots[good - spec.start:])
         self.stats.add("loaded_tokens", good - spec.start)
+
+    def _fail(self, spec, good: int, bad: torch.Tensor) -> None:
+        """Never leave stale bytes where vLLM was promised KV: zero positions [good, spec.end), report them."""
+        engine = self.engine
+        zeros = torch.zeros(engine.spec.chunk_shape(bad.numel()), dtype=getattr(torch, engine.spec.dtype),
+                            device=bad.device)
+        if self.mover is not None:
+            self.mover.scatter(zeros, bad)
+        else:
+            scatter_kv(zeros, self.caches, bad, self.layout, validate=False)
+        self._failed_blocks.update((bad // self.block_size).unique().tolist())
+        self._failed_loads[spec.req_id] = min(good, self._failed_loads.get(spec.req_id, good))
+        self._no_saves.add(spec.req_id)
+        self.stats.add("load_failed_tokens", spec.end - good)
+        log.warning("lmcache: request %s: loaded %d of %d tokens; vLLM recomputes the rest", spec.req_id,
+                    good - spec.start, spec.end - spec.start)
+
+    def _load_segments(self, spec) -> None:
+        """Cached segment chunks into positions [spec.start, spec.end), K re-rotated to those positions."""
+        device = self.engine.device
+        slots = spec.slots.to(device)
+        loaded = spec.start
+
+        def place(i: int, kv: torch.Tensor, stored_at: int) -> None:
+            nonlocal loaded
+            _, first, length = spec.chunks[i]
+            if stored_at < 0:
+                raise ValueError(f"segment chunk {i} has no recorded position")
+            lo, hi = max(spec.start, first), min(spec.end, first + length)
+            part = kv[:, :, lo - first:hi - first].to(device, copy=True)  # the entry itself stays untouched
+            if self.settings.segment_rerotate:
+                rerotate(part, stored_at + lo - first, lo, self.rope)
+            self.mover.scatter(part, slots[lo - spec.start:hi - spec.start])
+            loaded = hi
+
+        if spec.req_id not in self._failed_loads:  # its prefix came back short: nothing after it is valid
+            try:
+                self.engine.retrieve_positioned([key for key, _, _ in spec.chunks], place)
+            except Exception as e:  # a tier fault is a miss, never an error for the request
+                log.warning("lmcache: segment load for request %s failed: %r", spec.req_id, e)
+        if loaded < spec.end:
+            self._fail(spec, loaded, slots[loaded - spec.start:])
+        self.stats.add("loaded_tokens", loaded - spec.start)
+        self.stats.add("segment_loaded_tokens", loaded - spec.start)
 
     # -- saves --------------------------------------------------------------------------------------------
 
@@ -171,6 +216,20 @@ class WorkerHalf:
                 log.warning("lmcache: store for request %s failed: %r", spec.req_id, e)
                 continue
             self.stats.add("stored_tokens", len(spec.token_ids) - spec.first_new_chunk * cs)
+        for spec in meta.segment_saves:
+            if spec.req_id not in self._no_saves:
+                self._save_segments(spec, cs)
+
+    def _save_segments(self, spec, chunk_size: int) -> None:
+        """Store this prompt's computed segment chunks with the positions they were computed at."""
+        try:
+            items = [(key, padded(self.mover.gather(slots.to(self.engine.device)), chunk_size), first)
+                     for (key, first, _), slots in zip(spec.chunks, spec.slots)]
+            self.engine.store_positioned(items)
+        except Exception as e:  # a full or failing tier loses a cache entry, not the request
+            log.warning("lmcache: segment store for request %s failed: %r", spec.req_id, e)
+            return
+        self.stats.add("segment_stored_tokens", sum(length for _, _, length in spec.chunks))
 
     # -- step results -------------------------------------------------------------------------------------
 

@@ -67,7 +67,8 @@ def test_leading_run_stops_at_a_gap_a_miss_or_the_limit():
     assert leading_run(4, chunks, [True] * 4, limit=100) == chunks[1:3]  # prefix reuse covered 0..4
     assert leading_run(0, chunks, [True, False, True, True], limit=100) == chunks[:1]
     assert leading_run(0, chunks, [True] * 4, limit=9) == chunks[:2]
-    assert leading_run(2, chunks, [True] * 4, limit=100) == []  # starts inside a chunk: nothing to extend
+    assert leading_run(2, chunks, [True] * 4, limit=100) == chunks[:3]  # from inside chunk 0: its rest loads
+    assert leading_run(11, chunks, [True] * 4, limit=100) == []  # inside a gap
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,66 @@
+"""Worker side of segment reuse: per-token KV moves for any layout, and the re-rotation of loaded segments.
+
+Segments land at arbitrary positions, so their moves are per token, not per block. vLLM's CPU backend lays
+a block's bytes out privately per ISA (`connectors.cpu_blocks`): there, loads go through vLLM's own
+`cpu_attn_reshape_and_cache` (what the backend itself writes new tokens with) and saves through the probed
+in-block layout; every other layout moves tokens with `scatter_kv` / `gather_kv`.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels import gather_kv, rope_shift, scatter_kv
+
+from .cpu_blocks import attn_isa, gather_tokens, probe_block_layout, vllm_reshape_and_cache
+from .segments import RopeParams
+
+
+class TokenMover:
+    """Canonical KV `[L, 2, N, H, D]` to and from any slots of the paged caches the worker registered."""
+
+    def __init__(self, caches, layout, *, cpu_blocks: bool, block_size: int):
+        self.caches, self.layout = caches, layout
+        self.cpu = None
+        if cpu_blocks:  # vllm_cpu: per-layer (NB, H, BS, 2D) tensors in the ISA's private in-block order
+            first = caches[0]
+            heads, head_dim = first.shape[1], first.shape[3] // 2
+            isa = attn_isa(first.dtype, block_size, head_dim)
+            self.cpu = (isa, probe_block_layout(isa, first.dtype, block_size, heads, head_dim))
+
+    def scatter(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
+        if self.cpu is None:
+            scatter_kv(kv, self.caches, slots, self.layout, validate=False)
+            return
+        isa, _ = self.cpu
+        for layer, cache in enumerate(self.caches):
+            vllm_reshape_and_cache(cache, kv[layer, 0], kv[layer, 1], slots, isa)
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        if self.cpu is None:
+            return gather_kv(self.caches, slots, self.layout, validate=False)
+        return gather_tokens(self.caches, slots, self.cpu[1])
+
+
+def rerotate(kv: torch.Tensor, stored_at: int, new_at: int, rope: RopeParams) -> torch.Tensor:
+    """K of staging `kv` `[L, 2, N, H, D]` (in place) moved from positions stored_at.. to new_at..."""
+    if stored_at != new_at:
+        n = kv.shape[2]
+        rope_shift(kv, torch.arange(stored_at, stored_at + n), torch.arange(new_at, new_at + n),
+                   **rope.shift_kwargs())
+    return kv
+
+
+def padded(kv: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """A segment's tail `[L, 2, n, H, D]` padded with zeros to a whole chunk (the stored chunk shape)."""
+    n = kv.shape[2]
+    if n == chunk_size:
+        return kv
+    out = kv.new_zeros((*kv.shape[:2], chunk_size, *kv.shape[3:]))
+    out[:, :, :n] = kv
+    return out
+
+
+def tokens_of(chunks: Sequence, start: int, end: int) -> int:
+    """Tokens of `chunks` (SegmentChunk) inside [start, end)."""
+    return sum(max(0, min(c.end, end) - max(c.start, start)) for c in chunks)
