@@ -290,7 +290,8 @@ class CacheConfig:
     codec: str = _key("zstd", "choice", "zstd: lossless (default). none: raw. int8, fp8, int4: lossy "
                       "quantization, only when asked for.", section="performance",
                       choices=("zstd", "none", "int8", "fp8", "int4"))
-    compression_level: int = _key(3, "int", "zstd level (negative = faster, less compression).",
+    compression_level: int = _key(1, "int", "zstd level (negative = faster, less compression). 1: on real "
+                                  "KV both faster and smaller than 3 (1.47x vs 1.41x, decode 2.6x faster on shared/data).",
                                   section="performance", low=-7, high=22)
     batch_size: int = _key(32, "int", "Chunks per batched tier operation (Redis pipeline, disk batch).",
                            section="performance", low=1, high=4096)
