@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import redis
 import torch
 
-from bench.common import Report, emit, measure
+from bench.common import Report, emit, measure, measure_together
 from lmcache_core import CacheConfig, CacheEngine, KVSpec
 from lmcache_core.keys import ChunkKey
 from lmcache_core.tiers.disk import DiskTier
@@ -47,6 +47,12 @@ def _chunks(cfg: Config) -> tuple[list[ChunkKey], list[torch.Tensor]]:
     return keys, kvs
 
 
+def _together(cfg, ours, baseline):
+    """Timings of ours and its baseline, interleaved (a shared machine's load hits both alike)."""
+    t = measure_together({"ours": ours, "baseline": baseline}, repeats=cfg.repeats)
+    return t["ours"], t["baseline"]
+
+
 def _row(tier, op, nbytes, ours, base):
     return {"tier": tier, "op": op, "MB": nbytes / 1e6, "ours_GBps": ours.rate(nbytes) / 1e9,
             "baseline_GBps": base.rate(nbytes) / 1e9, "ratio": base.median_s / ours.median_s,
@@ -69,11 +75,11 @@ def bench_memory(cfg, keys, kvs, report):
             tier.delete([ChunkKey((r - 1).to_bytes(16, "little"), k.chunk_hash) for k in keys])
             tier.put([(ChunkKey(r.to_bytes(16, "little"), k.chunk_hash), kv) for k, kv in zip(keys, kvs)])
 
-        put = measure(put_round, repeats=cfg.repeats)
+        put, copy = _together(cfg, put_round, lambda: [d.copy_(s) for d, s in zip(dsts, kvs)])
         tier.put(list(zip(keys, kvs)))
-        copy = measure(lambda: [d.copy_(s) for d, s in zip(dsts, kvs)], repeats=cfg.repeats)
-        get = measure(lambda: tier.read_into(list(zip(keys, outs))), repeats=cfg.repeats)
-        report.rows += [_row(name, "put", nbytes, put, copy), _row(name, "get", nbytes, get, copy)]
+        get, copy_get = _together(cfg, lambda: tier.read_into(list(zip(keys, outs))),
+                                  lambda: [d.copy_(s) for d, s in zip(dsts, kvs)])
+        report.rows += [_row(name, "put", nbytes, put, copy), _row(name, "get", nbytes, get, copy_get)]
 
 
 def bench_disk(cfg, keys, blobs, report):
@@ -98,10 +104,8 @@ def bench_disk(cfg, keys, blobs, report):
         return out
 
     items = list(zip(keys, blobs))
-    put = measure(lambda: (tier.delete(keys), tier.put(items)), repeats=cfg.repeats)
-    base_put = measure(plain_put, repeats=cfg.repeats)
-    get = measure(lambda: tier.get(keys), repeats=cfg.repeats)
-    base_get = measure(plain_get, repeats=cfg.repeats)
+    put, base_put = _together(cfg, lambda: (tier.delete(keys), tier.put(items)), plain_put)
+    get, base_get = _together(cfg, lambda: tier.get(keys), plain_get)
     assert tier.get(keys) == blobs, "disk tier returned other bytes"
     report.rows += [_row("L3", "put", nbytes, put, base_put), _row("L3", "get", nbytes, get, base_get)]
     tier.close()
@@ -137,10 +141,8 @@ def bench_redis(cfg, keys, blobs, report):
         return pipe.execute()
 
     items = list(zip(keys, blobs))
-    put = measure(lambda: (tier.delete(keys), tier.put(items)), repeats=cfg.repeats)
-    base_put = measure(plain_put, repeats=cfg.repeats)
-    get = measure(lambda: tier.get(keys), repeats=cfg.repeats)
-    base_get = measure(plain_get, repeats=cfg.repeats)
+    put, base_put = _together(cfg, lambda: tier.put(items), plain_put)  # both overwrite: SET
+    get, base_get = _together(cfg, lambda: tier.get(keys), plain_get)
     assert tier.get(keys) == blobs, "redis tier returned other bytes"
     label = "L4 cluster" if tier.is_cluster else "L4"
     report.rows += [_row(label, "put", nbytes, put, base_put), _row(label, "get", nbytes, get, base_get)]
