@@ -188,50 +188,52 @@ def scatter_kv_ref(staging, kv_caches, slot_mapping, layout, *, validate=True):
     _scatter(staging, kv_caches, slot_mapping, layout, validate, backend="torch")
 
 
-def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
-    out_ints = out.view(_INT_OF_SIZE[out.element_size()])
+def _block_plan(pk: PagedKV, slots: torch.Tensor):
+    """(runs, index, width) for the block paths: runs to copy, or block-slab rows; all None otherwise."""
     blocks = _whole_blocks(pk, slots)
     if blocks is not None:
         runs = _block_runs(pk, blocks)
         if runs is not None:
-            for src, dst in _run_views(pk, out, runs):
-                dst.copy_(src)
-            return
+            return runs, None, None
         width = _block_slab_width(pk)
         if width is not None:
-            index = _block_rows_index(pk, blocks, width)
-            for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
-                rows = _rows(layer, width)
-                torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
-            return
-    width = _row_width(pk)
-    pad = slots < 0
-    index = _row_index(pk, slots.clamp(min=0), width)
+            return None, _block_rows_index(pk, blocks, width), width
+    return None, None, None
+
+
+def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
+    runs, index, width = _block_plan(pk, slots)
+    if runs is not None:
+        for src, dst in _run_views(pk, out, runs):
+            dst.copy_(src)
+        return
+    pad = None
+    if index is None:
+        width = _row_width(pk)
+        pad = slots < 0
+        index = _row_index(pk, slots.clamp(min=0), width)
+    out_ints = out.view(_INT_OF_SIZE[out.element_size()])
     for layer, dst in zip(pk.layers, out_ints.view(pk.num_layers, -1, width)):
         rows = _rows(layer, width)
         torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
-    if pad.any():
+    if pad is not None and pad.any():
         out_ints[:, :, pad] = 0
 
 
 def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> None:
+    runs, index, width = _block_plan(pk, slots)
+    if runs is not None:
+        for dst, values in _run_views(pk, staging, runs):
+            dst.copy_(values)
+        return
     src = staging.view(_INT_OF_SIZE[staging.element_size()])
-    blocks = _whole_blocks(pk, slots)
-    if blocks is not None:
-        runs = _block_runs(pk, blocks)
-        if runs is not None:
-            for dst, values in _run_views(pk, staging, runs):
-                dst.copy_(values)
-            return
-        width = _block_slab_width(pk)
-        if width is not None:
-            _copy_rows(pk, _block_rows_index(pk, blocks, width), src.view(pk.num_layers, -1, width), width)
-            return
-    width = _row_width(pk)
-    keep = slots >= 0
-    if not keep.all():
-        slots, src = slots[keep], src[:, :, keep]
-    _copy_rows(pk, _row_index(pk, slots, width), src.reshape(pk.num_layers, -1, width), width)
+    if index is None:
+        width = _row_width(pk)
+        keep = slots >= 0
+        if not keep.all():
+            slots, src = slots[keep], src[:, :, keep]
+        index = _row_index(pk, slots, width)
+    _copy_rows(pk, index, src.reshape(pk.num_layers, -1, width), width)
 
 
 def _copy_rows(pk: PagedKV, index: torch.Tensor, values: torch.Tensor, width: int) -> None:
