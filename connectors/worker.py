@@ -123,7 +123,7 @@ class WorkerHalf:
     # -- loads --------------------------------------------------------------------------------------------
 
     def load(self, meta: LMCacheCoreMetadata) -> None:
-        if meta is self._loaded_meta or not meta.loads:
+        if meta is self._loaded_meta or not (meta.loads or meta.segment_loads):
             return
         self._loaded_meta = meta
         for spec in meta.loads:

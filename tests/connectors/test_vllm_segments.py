@@ -23,7 +23,8 @@ SEGMENTS = {**BASE, "segment_reuse": True, "segment_separator": "ids:999,999"}
 @pytest.fixture(scope="module")
 def passages():
     rng = random.Random(7)
-    return {name: random_tokens(rng, n) for name, n in (("A", 200), ("B", 330), ("C", 150), ("Q1", 40), ("Q2", 57))}
+    return {name: random_tokens(rng, n)
+            for name, n in (("A", 200), ("B", 330), ("C", 150), ("P", 60), ("Q1", 40), ("Q2", 57))}
 
 
 def joined(passages, *names, question=None):
@@ -57,6 +58,18 @@ def test_passages_in_a_new_order_load_as_segments(tiny_model, passages):
     assert totals["segment_loaded_tokens"] == reused - prefix
     assert not totals.get("load_failed_tokens")
     assert len(outs[0].token_ids) > 0
+
+
+def test_a_short_cached_preamble_then_passages_load_without_any_prefix_chunk(tiny_model, passages):
+    """A preamble shorter than a chunk: no prefix chunk matches, the whole run comes from segments (a step
+    whose only loads are segment loads)."""
+    warmup = [joined(passages, n) for n in ("P", "A", "B")]
+    prompt = joined(passages, "P", "B", "A", question="Q2")
+    reused = len(prompt) - len(passages["Q2"])
+    outs, totals = warm_then_measure(tiny_model, SEGMENTS, warmup, [prompt])
+    assert outs[0].num_cached_tokens == reused
+    assert totals["segment_loaded_tokens"] == totals["loaded_tokens"] == reused
+    assert not totals.get("load_failed_tokens")
 
 
 def test_without_segment_reuse_only_the_exact_prefix_loads(tiny_model, passages):
