@@ -93,13 +93,13 @@ def test_threads_random_operations_small_caps(l3_root, policy):
         finally:
             in_pin.on = False
 
-    def counted_fetch_bytes(key, out=None):
-        kv = fetch_bytes(key, out=out)
+    def counted_fetch_bytes(key, out=None, **kw):
+        found = fetch_bytes(key, out=out, **kw)
         if getattr(in_pin, "on", False):
             with lock:
                 pin_reads["asked"] += 1
-                pin_reads["hit"] += kv is not None
-        return kv
+                pin_reads["hit"] += found is not None
+        return found
 
     e.tiers._prefetch_one, e.tiers._fetch_bytes = counted_prefetch_one, counted_fetch_bytes
     failures: list[str] = []
