@@ -32,6 +32,15 @@ def joined(passages, *names, question=None):
     return tokens + (passages[question] if question else [])
 
 
+def no_cache(model, prompts):
+    """Outputs of an LLM without the connector: the reference."""
+    llm = make_llm(model, connector=False)
+    try:
+        return run(llm, prompts)
+    finally:
+        shutdown(llm)
+
+
 def warm_then_measure(model, extra, warmup, measured, sampling=None):
     """Store `warmup` in one LLM, then run `measured` in a fresh one; (outputs, worker stats of the latter)."""
     llm = make_llm(model, extra)
@@ -112,11 +121,7 @@ def test_segments_at_the_positions_they_were_computed_give_identical_outputs(tin
     past the last whole prefix chunk."""
     first = joined(passages, "A", "B", question="Q1")
     second = joined(passages, "A", "B", question="Q2")
-    llm = make_llm(tiny_model, connector=False)
-    try:
-        reference = run(llm, [second])
-    finally:
-        shutdown(llm)
+    reference = no_cache(tiny_model, [second])
     outs, totals = warm_then_measure(tiny_model, SEGMENTS, [first], [second])
     assert_same_outputs(reference, outs, "segments at their own positions")
     shared = len(second) - len(passages["Q2"])
@@ -138,11 +143,7 @@ def test_one_layer_model_reused_segments_are_exact_only_when_rerotated(one_layer
     outputs equal a run without any cache. Without re-rotation they do not: the test can tell."""
     warmup = [joined(passages, n) for n in ("A", "B")]
     prompt = joined(passages, "B", "A", question="Q1")
-    llm = make_llm(one_layer_model, connector=False)
-    try:
-        reference = run(llm, [prompt])
-    finally:
-        shutdown(llm)
+    reference = no_cache(one_layer_model, [prompt])
     extra = {**SEGMENTS, "segment_rerotate": rerotate}
     outs, totals = warm_then_measure(one_layer_model, extra, warmup, [prompt])
     assert totals["segment_loaded_tokens"] > len(passages["A"])  # A moved from position 0 to after B
