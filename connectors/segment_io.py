@@ -6,8 +6,6 @@ a block's bytes out privately per ISA (`connectors.cpu_blocks`): there, loads go
 in-block layout; every other layout moves tokens with `scatter_kv` / `gather_kv`.
 """
 
-from collections.abc import Sequence
-
 import torch
 
 from kernels import gather_kv, rope_shift, scatter_kv
@@ -60,7 +58,3 @@ def padded(kv: torch.Tensor, chunk_size: int) -> torch.Tensor:
     out[:, :, :n] = kv
     return out
 
-
-def tokens_of(chunks: Sequence, start: int, end: int) -> int:
-    """Tokens of `chunks` (SegmentChunk) inside [start, end)."""
-    return sum(max(0, min(c.end, end) - max(c.start, start)) for c in chunks)

@@ -9,7 +9,8 @@ from prometheus_client import REGISTRY
 from connectors import registry
 from tests.connectors.prompts import COLD_WARM, HALVES
 from tests.connectors.vllm_helpers import (
-    BLOCK, assert_same_outputs, expected_hit, make_llm, run, scheduler_half, shutdown, worker_half,
+    BLOCK, assert_same_outputs, expected_hit, make_llm, no_cache, run, scheduler_half, shutdown,
+    warm_then_measure, worker_half,
 )
 
 CHUNK = 128
@@ -87,17 +88,7 @@ def test_load_ending_inside_a_chunk(tiny_model):
 
     extra = {"chunk_size": 256, "max_local_cpu_size": "64MB", "cache_salt": "inside-a-chunk"}
     prompt = [random_tokens(random.Random(42), 512)]
-    llm = make_llm(tiny_model, extra)
-    try:
-        cold = run(llm, prompt)
-    finally:
-        shutdown(llm)
-    llm = make_llm(tiny_model, extra)
-    try:
-        warm = run(llm, prompt)
-        totals = dict(worker_half().stats.totals)
-    finally:
-        shutdown(llm)
-    assert_same_outputs(cold, warm, "repeat")
+    warm, totals = warm_then_measure(tiny_model, extra, prompt, prompt)
+    assert_same_outputs(no_cache(tiny_model, prompt), warm, "repeat")
     assert warm[0].num_cached_tokens == expected_hit(512, 256) == 384
     assert not totals.get("load_failed_tokens")

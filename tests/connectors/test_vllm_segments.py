@@ -11,7 +11,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.connectors.vllm_helpers import (
-    assert_same_outputs, make_llm, random_tokens, run, shutdown, worker_half,
+    assert_same_outputs, make_llm, no_cache, random_tokens, run, shutdown, warm_then_measure, worker_half,
 )
 
 CHUNK = 128
@@ -30,30 +30,6 @@ def passages():
 def joined(passages, *names, question=None):
     tokens = [t for n in names for t in passages[n] + SEP]
     return tokens + (passages[question] if question else [])
-
-
-def no_cache(model, prompts):
-    """Outputs of an LLM without the connector: the reference."""
-    llm = make_llm(model, connector=False)
-    try:
-        return run(llm, prompts)
-    finally:
-        shutdown(llm)
-
-
-def warm_then_measure(model, extra, warmup, measured, sampling=None):
-    """Store `warmup` in one LLM, then run `measured` in a fresh one; (outputs, worker stats of the latter)."""
-    llm = make_llm(model, extra)
-    try:
-        run(llm, warmup)
-    finally:
-        shutdown(llm)
-    llm = make_llm(model, extra)
-    try:
-        outs = run(llm, measured) if sampling is None else run(llm, measured, sampling)
-        return outs, dict(worker_half().stats.totals)
-    finally:
-        shutdown(llm)
 
 
 def test_passages_in_a_new_order_load_as_segments(tiny_model, passages):

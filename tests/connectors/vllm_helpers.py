@@ -57,6 +57,31 @@ def run(llm: LLM, prompts, sampling: SamplingParams = SAMPLING) -> list[Output]:
                    o.num_cached_tokens or 0) for o in outs]
 
 
+def no_cache(model, prompts):
+    """Outputs of an LLM without the connector: the reference."""
+    llm = make_llm(model, connector=False)
+    try:
+        return run(llm, prompts)
+    finally:
+        shutdown(llm)
+
+
+def warm_then_measure(model, extra, warmup, measured, sampling=None):
+    """Store `warmup` in one LLM, then run `measured` in a fresh one (vLLM's prefix cache empty, our engine
+    the same); (outputs, the worker's statistics totals of the latter)."""
+    llm = make_llm(model, extra)
+    try:
+        run(llm, warmup)
+    finally:
+        shutdown(llm)
+    llm = make_llm(model, extra)
+    try:
+        outs = run(llm, measured) if sampling is None else run(llm, measured, sampling)
+        return outs, dict(worker_half().stats.totals)
+    finally:
+        shutdown(llm)
+
+
 def assert_same_outputs(reference: list[Output], got: list[Output], what: str) -> None:
     assert len(reference) == len(got), f"{what}: {len(got)} outputs, expected {len(reference)}"
     for i, (r, g) in enumerate(zip(reference, got)):
