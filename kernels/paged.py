@@ -75,26 +75,46 @@ def resolve_paged(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: KVLa
                             f"got {type(kv_caches).__name__}")
         whole = layout.canonical(kv_caches)  # [L, KV, NB, BS, H, D]
         layers = tuple(whole.unbind(0))
+        first = layers[0]
+        _check_dtype(first)
+        ints = tuple(t.view(_INT_OF_SIZE[t.element_size()]) for t in layers)
     else:
         if isinstance(kv_caches, torch.Tensor) or not isinstance(kv_caches, Sequence) or not kv_caches:
             raise TypeError(f"kv_caches: layout {layout} has no L dim, so expected a non-empty sequence of "
                             f"per-layer tensors, got {type(kv_caches).__name__} (wrap a single layer in a list)")
-        layers = tuple(layout.canonical(t) for t in kv_caches)
-    first = layers[0]
-    if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"kv_caches: dtype {first.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
-    for i, t in enumerate(layers[1:], start=1):
-        for what, got, want in (("shape", t.shape, first.shape), ("dtype", t.dtype, first.dtype),
-                                ("device", t.device, first.device), ("strides", t.stride(), first.stride())):
-            if got != want:
-                raise ValueError(f"kv_caches[{i}]: {what} {tuple(got) if what != 'dtype' else got} differs "
-                                 f"from layer 0's {tuple(want) if what != 'dtype' else want}")
-    ints = tuple(t.view(_INT_OF_SIZE[t.element_size()]) for t in layers)
+        for i, t in enumerate(kv_caches):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"kv_caches[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        raw = kv_caches[0]
+        first = layout.canonical(raw)
+        _check_dtype(first)
+        key = (raw.shape, raw.dtype, raw.device, raw.stride())
+        for i, t in enumerate(kv_caches[1:], start=1):
+            if (t.shape, t.dtype, t.device, t.stride()) != key:
+                _raise_layer_mismatch(i, t, raw)
+        # Every layer has layer 0's geometry, so its canonical view is layer 0's sizes and strides at its own
+        # storage offset (one call per layer instead of `canonical`'s dozen: this runs on every transfer).
+        int_dtype = _INT_OF_SIZE[first.element_size()]
+        size, stride = first.shape, first.stride()
+        ints = tuple(t.view(int_dtype).as_strided(size, stride) for t in kv_caches)
     num_kv, num_blocks, block_size, num_heads, head_dim = first.shape
     s_kv, s_block, s_slot, s_head, s_dim = first.stride()
     offsets, offsets_gcd = _layer_offsets(tuple(t.data_ptr() for t in ints), first.element_size(), first.device)
     return PagedKV(ints, ints[0], offsets, offsets_gcd, first.dtype, num_kv, num_blocks, block_size, num_heads, head_dim,
                    layout.has_heads, s_kv, s_block, s_slot, s_head, s_dim)
+
+
+def _raise_layer_mismatch(i: int, t: torch.Tensor, raw: torch.Tensor) -> None:
+    for what, got, want in (("shape", t.shape, raw.shape), ("dtype", t.dtype, raw.dtype),
+                            ("device", t.device, raw.device), ("strides", t.stride(), raw.stride())):
+        if got != want:
+            raise ValueError(f"kv_caches[{i}]: {what} {tuple(got) if what != 'dtype' else got} differs "
+                             f"from layer 0's {tuple(want) if what != 'dtype' else want}")
+
+
+def _check_dtype(first: torch.Tensor) -> None:
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"kv_caches: dtype {first.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
 
 
 def _check_slots(slot_mapping: torch.Tensor, pk: PagedKV, *, unique: bool, validate: bool) -> None:

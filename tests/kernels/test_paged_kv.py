@@ -321,6 +321,10 @@ def test_bad_caches_and_layouts():
         gather_kv([torch.zeros(2, 4, 16, 3, 64), torch.zeros(2, 5, 16, 3, 64)], slots, layout)
     with pytest.raises(ValueError, match=r"kv_caches\[1\]: dtype torch.float16 differs"):
         gather_kv([torch.zeros(2, 4, 16, 3, 64), torch.zeros(2, 4, 16, 3, 64, dtype=torch.float16)], slots, layout)
+    with pytest.raises(TypeError, match=r"kv_caches\[1\]: expected a torch.Tensor, got list"):
+        gather_kv([torch.zeros(2, 4, 16, 3, 64), [0.0]], slots, layout)
+    with pytest.raises(ValueError, match=r"kv_caches\[2\]: strides \(.*\) differs from layer 0's"):
+        gather_kv([torch.zeros(2, 4, 16, 3, 64)] * 2 + [torch.zeros(2, 4, 3, 16, 64).transpose(2, 3)], slots, layout)
     with pytest.raises(TypeError, match="kv_caches: dtype torch.int64 is not supported"):
         gather_kv([torch.zeros(2, 4, 16, 3, 64, dtype=torch.int64)], slots, layout)
     with pytest.raises(TypeError, match="kv_caches: layout cross_layer has an L dim, so expected one tensor"):
