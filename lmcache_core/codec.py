@@ -1,7 +1,8 @@
 """Chunk tensor <-> stored bytes for the byte tiers (L3 disk, L4 Redis), through `serde`'s header.
 
 Codecs: `none` (raw bytes), `zstd` (lossless: byte planes split by `kernels.shuffle_bytes_ref`, then zstd;
-~1.46x on real bf16 KV vs 1.27x for zstd on raw bytes), and the lossy `int8`, `fp8`, `int4`
+~1.46x on real bf16 KV vs 1.27x for zstd on raw bytes; a chunk that shrinks less than `min_ratio` is stored
+raw instead, its header saying `none`), and the lossy `int8`, `fp8`, `int4`
 (`kernels.quantize_kv`: data and scales as the payload's two sections, grouping in the codec parameters).
 
 `decode(..., out=t)` writes the chunk straight into `t` (a cache entry being filled, or the caller's buffer):
@@ -36,15 +37,20 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def encode(key: bytes, kv: torch.Tensor, codec: str, *, position: int = -1, level: int = 3,
-           secret: bytes | None = None) -> bytes:
-    """Serialize one chunk's staging tensor (any device; moved to CPU) into stored bytes."""
+           min_ratio: float = 1.0, secret: bytes | None = None) -> bytes:
+    """Serialize one chunk's staging tensor (any device; moved to CPU) into stored bytes.
+
+    min_ratio: zstd output is kept only when the chunk shrinks at least this much (raw bytes / compressed
+    bytes); otherwise the chunk is stored raw (codec `none` in its header), which decodes with one copy."""
     kv = kv.detach().cpu().contiguous()
-    if codec == "none":
-        return serde.pack(key, kv.dtype, kv.shape, codec, (_raw(kv),), position=position, secret=secret)
     if codec == "zstd":
         planes = shuffle_bytes(kv)
         compressed = zstandard.ZstdCompressor(level=level).compress(planes.numpy())  # no copy to bytes first
-        return serde.pack(key, kv.dtype, kv.shape, codec, (compressed,), position=position, secret=secret)
+        if len(compressed) * min_ratio <= kv.nbytes:
+            return serde.pack(key, kv.dtype, kv.shape, codec, (compressed,), position=position, secret=secret)
+        codec = "none"
+    if codec == "none":
+        return serde.pack(key, kv.dtype, kv.shape, codec, (_raw(kv),), position=position, secret=secret)
     q = quantize_kv(kv, codec=codec)
     m = q.meta
     params = (_K_GROUPING.index(m.k_grouping), m.token_tile, m.group_size, 0)

@@ -293,6 +293,11 @@ class CacheConfig:
     compression_level: int = _key(1, "int", "zstd level (negative = faster, less compression). 1: on real "
                                   "KV both faster and smaller than 3 (1.47x vs 1.41x, decode 2.6x faster on shared/data).",
                                   section="performance", low=-7, high=22)
+    compression_min_ratio: float = _key(
+        1.25, "float", "zstd output is kept only when a chunk shrinks at least this much, else the chunk is "
+        "stored raw: decoding costs more time than the bytes it saves (SmolLM2 float32 KV: 1.19x, decoded "
+        "4.8x slower than raw; bf16 KV 1.45x is kept). 1 = keep zstd whenever it is smaller.",
+        section="performance", low=1.0, high=1000.0)
     batch_size: int = _key(32, "int", "Chunks per batched tier operation (Redis pipeline, disk batch).",
                            section="performance", low=1, high=4096)
 

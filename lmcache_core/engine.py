@@ -71,8 +71,8 @@ class CacheEngine:
         secret = cfg.cache_secret.encode() if cfg.cache_secret else None
         codec = cfg.codec if cfg.compression_enabled else "none"
         self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=codec,
-                               level=cfg.compression_level, write_policy=cfg.write_policy, secret=secret,
-                               device=self.device)
+                               level=cfg.compression_level, min_ratio=cfg.compression_min_ratio,
+                               write_policy=cfg.write_policy, secret=secret, device=self.device)
         self.tiers.expect = self._chunk_layout()
         metrics.register(self, cfg.metrics_port)
 

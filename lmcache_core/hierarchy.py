@@ -29,11 +29,13 @@ log = logging.getLogger(__name__)
 
 class TierStack:
     def __init__(self, memory: Sequence[MemoryTier], byte_tiers: Sequence[Tier], *, codec_name: str,
-                 level: int, write_policy: str, secret: bytes | None, device: torch.device):
+                 level: int, write_policy: str, secret: bytes | None, device: torch.device,
+                 min_ratio: float = 1.0):
         self.memory = list(memory)
         self.byte_tiers = list(byte_tiers)
         self.codec = codec_name
         self.level = level
+        self.min_ratio = min_ratio
         self.write_policy = write_policy
         self.secret = secret
         self.device = device
@@ -239,6 +241,10 @@ class TierStack:
         if future.exception() is not None:
             log.error("background write failed: %r", future.exception())
 
+    def _encode(self, key: ChunkKey, kv: torch.Tensor, position: int) -> bytes:
+        return codec.encode(key.raw, kv, self.codec, level=self.level, min_ratio=self.min_ratio,
+                            secret=self.secret, position=position)
+
     def _write_bytes(self, items, on_written=None, positions=None) -> None:
         """Write each chunk to every byte tier that lacks it (encoding each chunk at most once)."""
         positions = positions if positions is not None else [-1] * len(items)
@@ -248,8 +254,7 @@ class TierStack:
             blobs = {}
             for i, (key, kv) in enumerate(items):
                 if not all(present[i] for present in missing):
-                    blobs[key] = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret,
-                                              position=positions[i])
+                    blobs[key] = self._encode(key, kv, positions[i])
             for tier, present in zip(self.byte_tiers, missing):
                 todo = [(key, blobs[key]) for key, hit in zip(keys, present) if not hit]
                 if todo:
@@ -259,8 +264,7 @@ class TierStack:
                 on_written()
 
     def _demote_to_bytes(self, key: ChunkKey, kv: torch.Tensor) -> None:
-        blob = codec.encode(key.raw, kv, self.codec, level=self.level, secret=self.secret,
-                            position=self.memory[-1].position(key))
+        blob = self._encode(key, kv, self.memory[-1].position(key))
         for tier in self.byte_tiers:
             if tier.put([(key, blob)])[0]:
                 return

@@ -41,7 +41,7 @@ SAMPLES = {
     "lock_timeout": ("2.5", 2.5), "fallback_on_timeout": ("no", False), "cache_salt": ("tenant-a", "tenant-a"),
     "cache_secret": ("s3cr3t-value", "s3cr3t-value"), "metrics_port": ("9100", 9100),
     "prefetch_enabled": ("false", False), "compression_enabled": ("0", False), "codec": ("none", "none"),
-    "compression_level": ("-3", -3), "batch_size": ("8", 8),
+    "compression_level": ("-3", -3), "compression_min_ratio": ("1.5", 1.5), "batch_size": ("8", 8),
 }
 
 

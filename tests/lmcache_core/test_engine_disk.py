@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from lmcache_core import serde
 from lmcache_core.config import CacheConfig
 from lmcache_core.engine import CacheEngine
 from tests.helpers import assert_bytes_equal, assert_close
@@ -27,18 +28,43 @@ def chunk_files(path):
     return sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files if f.endswith(".lmc"))
 
 
+def stored_codecs(path):
+    codecs = set()
+    for name in chunk_files(path):
+        with open(name, "rb") as f:
+            codecs.add(serde.unpack_header(f.read()).codec)
+    return codecs
+
+
 @pytest.mark.parametrize("codec", ["zstd", "none"])
 def test_chunks_evicted_from_memory_come_back_exact_from_disk(tmp_path, codec):
-    e = disk_engine(tmp_path, codec=codec)
+    e = disk_engine(tmp_path, codec=codec, compression_min_ratio=1.0)  # random KV: keep zstd anyway
     toks, kv = tokens(160), kv_for(160)
     assert e.store(toks, kv) == 160
     e.flush()
     assert len(chunk_files(tmp_path)) == 10
+    assert stored_codecs(tmp_path) == {codec}
     assert e.stats()["L2"]["entries"] == 2  # the rest live on disk only
     n, out = e.retrieve(toks)
     assert n == 160
     assert_bytes_equal(out, kv, "from L3")
     assert e.stats()["L3"]["hits"] >= 8
+
+
+def test_chunks_that_barely_compress_are_stored_raw(tmp_path):
+    """Default compression_min_ratio 1.25: random bf16 KV (zstd ~1.1x) goes to disk raw, zeros compressed."""
+    e = disk_engine(tmp_path)
+    e.store(tokens(32), kv_for(32))
+    e.flush()
+    assert stored_codecs(tmp_path) == {"none"}
+    e.store(tokens(32, seed=5), torch.zeros(SPEC.chunk_shape(32), dtype=torch.bfloat16))
+    e.flush()
+    assert stored_codecs(tmp_path) == {"none", "zstd"}
+    e.tiers.memory[0].clear()
+    for toks, kv in ((tokens(32), kv_for(32)), (tokens(32, seed=5), torch.zeros_like(kv_for(32)))):
+        n, out = e.retrieve(toks)
+        assert n == 32
+        assert_bytes_equal(out, kv, "from L3")
 
 
 def test_lossy_codec_through_disk_stays_within_int8_error(tmp_path):

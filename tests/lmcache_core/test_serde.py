@@ -67,6 +67,20 @@ def test_zstd_compresses_real_kv():
     assert_bytes_equal(codec.decode(blob, KEY)[0], kv, "real kv")
 
 
+def test_zstd_stores_raw_bytes_when_they_barely_shrink():
+    """min_ratio: a chunk zstd shrinks less than that is stored raw (header codec none), exactly; real bf16
+    KV (1.45x) stays compressed at the default 1.25."""
+    kv = torch.randn(2, 2, 64, 3, 16)  # float32 noise: only the exponent plane compresses (~1.1x)
+    kept = codec.encode(KEY, kv, "zstd", min_ratio=1.0)
+    raw = codec.encode(KEY, kv, "zstd", min_ratio=1.25)
+    assert serde.unpack_header(kept).codec == "zstd" and len(kept) < kv.nbytes < 1.25 * len(kept)
+    assert serde.unpack_header(raw).codec == "none" and len(raw) > kv.nbytes
+    for blob in (kept, raw):
+        assert_bytes_equal(codec.decode(blob, KEY)[0], kv, serde.unpack_header(blob).codec)
+    real = real_kv()[:, :, :256]
+    assert serde.unpack_header(codec.encode(KEY, real, "zstd", level=1, min_ratio=1.25)).codec == "zstd"
+
+
 def test_every_single_bit_flip_is_detected():
     _, blob = small_blob()
     for bit in range(len(blob) * 8):
