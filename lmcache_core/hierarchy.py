@@ -26,6 +26,12 @@ from .tiers.memory import MemoryTier
 
 log = logging.getLogger(__name__)
 
+# Chunks per prefetch task: one byte-tier call per group, so a Redis Cluster's shards serve a group in
+# parallel while another task decodes (2 tasks run at once). 31 chunks of SmolLM2 float32 KV (366 MB) into
+# L2, 2 cores: from L3 255 ms one by one, 170 ms in fours, 149 ms in eights; from a 3-master cluster
+# 525-684 / 491-515 / 478-501 ms. Four bounds the bytes in flight at 8 chunks.
+PREFETCH_GROUP = 4
+
 
 class TierStack:
     def __init__(self, memory: Sequence[MemoryTier], byte_tiers: Sequence[Tier], *, codec_name: str,
@@ -164,52 +170,84 @@ class TierStack:
 
     def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
         """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""
-        for key, t in zip(keys, self.locate(keys)):
-            if t is not None and t >= len(self.memory):
-                self._prefetch_one(key)
+        located = [key for key, t in zip(keys, self.locate(keys)) if t is not None and t >= len(self.memory)]
+        for i in range(0, len(located), PREFETCH_GROUP):
+            self._prefetch_group(located[i:i + PREFETCH_GROUP])
 
     # -- prefetch ---------------------------------------------------------------------------------------
 
     def prefetch(self, keys: Sequence[ChunkKey], where: Sequence[int]) -> None:
-        """Start moving chunks that live only in byte tiers up into memory, in the background."""
+        """Start moving chunks that live only in byte tiers up into memory, in the background, a few per
+        task: one byte-tier call fetches a group (a cluster's shards serve it in parallel)."""
         if not self.memory:
             return
-        for key, t in zip(keys, where):
-            if t < len(self.memory):
-                continue
-            with self._lock:
-                if key in self._prefetching:
-                    continue
-                future = self._fetcher.submit(self._prefetch_one, key)
-                self._prefetching[key] = future
-            future.add_done_callback(lambda _f, key=key: self._prefetching.pop(key, None))
+        started = []
+        with self._lock:
+            todo = [key for key, t in zip(keys, where) if t >= len(self.memory) and key not in self._prefetching]
+            for i in range(0, len(todo), PREFETCH_GROUP):
+                group = todo[i:i + PREFETCH_GROUP]
+                future = self._fetcher.submit(self._prefetch_group, group)
+                self._prefetching.update((key, future) for key in group)
+                started.append((future, group))
+        for future, group in started:  # outside the lock: a finished future runs its callback right here
+            future.add_done_callback(lambda _f, group=group: self._forget_prefetch(group))
 
-    def _prefetch_one(self, key: ChunkKey) -> None:
-        """Decode a byte-tier chunk straight into the lowest memory tier with room, then copy it into the
-        memory tiers above that one."""
+    def _forget_prefetch(self, group: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in group:
+                self._prefetching.pop(key, None)
+
+    def _prefetch_group(self, keys: Sequence[ChunkKey]) -> None:
+        """Fetch `keys`' bytes from the first byte tier holding each (one call per tier), then decode each
+        straight into the lowest memory tier with room and copy it into the memory tiers above that one."""
         try:
-            if self.expect is None:  # the chunk's shape is unknown here: decode, then copy in
-                found = self._fetch_bytes(key, with_position=True)
-                if found is not None:
-                    self._promote(key, found[0], above=len(self.memory), position=found[1])
-                return
-            shape, dtype = self.expect
-            decoded: list[int] = []
-
-            def fill(dst: torch.Tensor) -> bool:
-                found = self._fetch_bytes(key, out=dst, with_position=True)
-                decoded.extend(found[1:] if found is not None else ())
-                return found is not None
-
-            for level in reversed(range(len(self.memory))):
-                held = self.memory[level].put_with(key, shape, dtype, fill,
-                                                   position=lambda: decoded[-1] if decoded else -1)
-                if held is not None:  # None: no room in this tier, try the one above
-                    if held:
-                        self._promote_from(self.memory[level], key, above=level)
-                    return
+            todo = list(keys)
+            for tier in self.byte_tiers:
+                if not todo:
+                    break
+                missing = []
+                for key, buf in zip(todo, tier.get(todo)):
+                    if buf is None:
+                        missing.append(key)
+                    else:
+                        self._land(tier, key, buf)
+                todo = missing
         except Exception:  # a prefetch is an optimization: log it, the read path fetches again
-            log.exception("prefetch of chunk %s failed", key.name)
+            log.exception("prefetch of chunks %s failed", [key.name for key in keys])
+
+    def _land(self, tier: Tier, key: ChunkKey, buf) -> None:
+        """Decode `buf` (key's bytes from `tier`) into the memory tiers. A corrupt chunk is deleted and
+        counted, and left to the read path (which asks the next tier)."""
+        def decode(out: torch.Tensor | None = None):
+            try:
+                return codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
+            except CorruptChunkError as e:
+                log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
+                            key.name, e)
+                tier.stats.corrupt += 1
+                tier.delete([key])
+                return None
+
+        if self.expect is None:  # the chunk's shape is unknown here: decode, then copy in
+            found = decode()
+            if found is not None:
+                self._promote(key, found[0], above=len(self.memory), position=found[1])
+            return
+        shape, dtype = self.expect
+        positions: list[int] = []
+
+        def fill(dst: torch.Tensor) -> bool:
+            found = decode(dst)
+            positions.extend(found[1:] if found is not None else ())
+            return found is not None
+
+        for level in reversed(range(len(self.memory))):
+            held = self.memory[level].put_with(key, shape, dtype, fill,
+                                               position=lambda: positions[-1] if positions else -1)
+            if held is not None:  # None: no room in this tier, try the one above
+                if held:
+                    self._promote_from(self.memory[level], key, above=level)
+                return
 
     # -- writes -----------------------------------------------------------------------------------------
 

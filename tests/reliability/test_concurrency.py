@@ -81,27 +81,27 @@ def test_threads_random_operations_small_caps(l3_root, policy):
                                                ("retrieved", metrics.RETRIEVED_TOKENS),
                                                ("stored", metrics.STORED_TOKENS))}
     # pin() brings chunks held only on disk into memory: count those disk reads apart (a thread-local flag
-    # set around TierStack._prefetch_one, which pin uses and nothing else does with prefetch off)
+    # set around TierStack._prefetch_group, which pin uses and nothing else does with prefetch off)
     pin_reads: Counter = Counter()
     in_pin = threading.local()
-    prefetch_one, fetch_bytes = e.tiers._prefetch_one, e.tiers._fetch_bytes
+    prefetch_group, l3_get = e.tiers._prefetch_group, e.tiers.byte_tiers[0].get
 
-    def counted_prefetch_one(key):
+    def counted_prefetch_group(keys):
         in_pin.on = True
         try:
-            return prefetch_one(key)
+            return prefetch_group(keys)
         finally:
             in_pin.on = False
 
-    def counted_fetch_bytes(key, out=None, **kw):
-        found = fetch_bytes(key, out=out, **kw)
+    def counted_l3_get(keys):
+        found = l3_get(keys)
         if getattr(in_pin, "on", False):
             with lock:
-                pin_reads["asked"] += 1
-                pin_reads["hit"] += found is not None
+                pin_reads["asked"] += len(keys)
+                pin_reads["hit"] += sum(buf is not None for buf in found)
         return found
 
-    e.tiers._prefetch_one, e.tiers._fetch_bytes = counted_prefetch_one, counted_fetch_bytes
+    e.tiers._prefetch_group, e.tiers.byte_tiers[0].get = counted_prefetch_group, counted_l3_get
     failures: list[str] = []
     totals: Counter = Counter()
     lock = threading.Lock()
