@@ -100,8 +100,8 @@ class TierStack:
                   with_position: bool = False) -> int:
         """Hand chunk `keys[i]` to `consume(i, kv)` in order; returns how many leading chunks were handed over.
 
-        kv is valid only during the call: a memory tier's own entry, read under that tier's lock (see
-        `MemoryTier.read_with`: read it, never modify or keep it), or a chunk just decoded on the CPU. Memory
+        kv is valid only during the call: a memory tier's own entry (see `MemoryTier.read_with`: read it,
+        never modify or keep it), or a chunk just decoded on the CPU. Memory
         tiers hold chunks on their own device (L1: the engine's; L2: the CPU). with_position: consume(i, kv,
         position), the position the chunk's first token was computed at (-1: not recorded)."""
         for i, key in enumerate(keys):
@@ -120,8 +120,7 @@ class TierStack:
         """consume(kv, position) from the fastest tier holding `key`, then copy it into the memory tiers
         above that one. Each tier is asked once, fastest first, so its hit and miss counters stay exact."""
         for level, tier in enumerate(self.memory):
-            # under the tier's lock: the position read is the entry's (RLock, same thread)
-            if tier.read_with(key, lambda kv, tier=tier: consume(kv, tier.position(key))):
+            if tier.read_with(key, consume, with_position=True):
                 self._promote_from(tier, key, above=level)
                 return True
         found = self._fetch_bytes(key, with_position=True)
@@ -158,15 +157,21 @@ class TierStack:
         another is taken; the copies are not counted as hits of `source`)."""
         if not above:
             return
+        positions: list[int] = []  # the position recorded with the very entry copied
         if self.expect is None:  # the chunk's shape is unknown here: take a copy first
             copies: list[torch.Tensor] = []
-            if source.read_with(key, lambda t: copies.append(t.clone()), count=False):
-                self._promote(key, copies[0], above, source.position(key))
+            if source.read_with(key, lambda t, pos: (copies.append(t.clone()), positions.append(pos)),
+                                count=False, with_position=True):
+                self._promote(key, copies[0], above, positions[0])
             return
         shape, dtype = self.expect
+
+        def fill(dst: torch.Tensor) -> bool:
+            return source.read_with(key, lambda t, pos: (dst.copy_(t), positions.append(pos)), count=False,
+                                    with_position=True)
+
         for tier in self.memory[:above]:
-            tier.put_with(key, shape, dtype, lambda dst: source.read_with(key, dst.copy_, count=False),
-                          position=lambda: source.position(key))
+            tier.put_with(key, shape, dtype, fill, position=lambda: positions[-1] if positions else -1)
 
     def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
         """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""

@@ -3,8 +3,9 @@
 Both keep staging tensors `[L, KV, N, H, D]` under an LRU with pinned/hot protection and a byte cap.
 A put is two-phase: space is reserved and filled first (`put` copies a tensor in, `put_with` lets the
 caller write the entry, e.g. decode straight into it), and the key becomes visible only when the fill is
-complete, so a concurrent reader never sees half a chunk. `read_with` hands a reader the entry itself
-under the tier's lock (no copy), e.g. to scatter it into a paged cache. When room is needed, least
+complete, so a concurrent reader never sees half a chunk. `read_with` hands a reader the entry itself (no
+copy), e.g. to scatter it into a paged cache, outside the tier's lock: an entry removed meanwhile keeps its
+memory until its last reader is done, so other threads store and promote while one reads. When room is needed, least
 recently used unprotected entries are evicted; the `on_evict` callback (set by the engine) sees each victim
 first, so it can demote it to a lower tier (write-back).
 """
@@ -85,6 +86,8 @@ class MemoryTier(Tier[torch.Tensor]):
         self._positions: dict[ChunkKey, int] = {}  # where an entry's first token was computed, when known
         self._policy = LRUPolicy(max_protected_bytes, hot_hit_threshold, hot_ttl)
         self._used = 0
+        self._readers: dict[int, int] = {}  # entry data_ptr -> readers in read_with right now
+        self._retired: dict[int, torch.Tensor] = {}  # entries removed while read, freed by their last reader
         self._lock = threading.RLock()
         self.on_evict: Callable[[ChunkKey, torch.Tensor], None] | None = None
 
@@ -103,16 +106,32 @@ class MemoryTier(Tier[torch.Tensor]):
                 out.append(None if t is None else t.clone())
         return out
 
-    def read_with(self, key: ChunkKey, fn: Callable[[torch.Tensor], object], *, count: bool = True) -> bool:
-        """Call fn(entry) with the stored tensor itself, under the lock (no copy: fn must only read it, and
-        must not keep it, take this tier's lock from another thread, or wait for one that does); False for
-        a miss. count=False: an internal copy (promotion), kept out of the hit/miss counters and recency."""
+    def read_with(self, key: ChunkKey, fn: Callable[..., object], *, count: bool = True,
+                  with_position: bool = False) -> bool:
+        """Call fn(entry) with the stored tensor itself (no copy: fn must only read it, and must not keep it);
+        False for a miss. fn runs outside the lock; an entry evicted or deleted meanwhile keeps its memory
+        until fn returns. count=False: an internal copy (promotion), kept out of the hit/miss counters and
+        recency. with_position: fn(entry, position), the position recorded with this very entry."""
         with self._lock:
             t = self._hit(key) if count else self._entries.get(key)
             if t is None:
                 return False
-            fn(t)
-            return True
+            position = self._positions.get(key, -1)
+            ptr = t.data_ptr()
+            self._readers[ptr] = self._readers.get(ptr, 0) + 1
+        try:
+            if with_position:
+                fn(t, position)
+            else:
+                fn(t)
+        finally:
+            with self._lock:
+                left = self._readers.pop(ptr) - 1
+                if left:
+                    self._readers[ptr] = left
+                elif ptr in self._retired:  # removed while read: its memory is free now
+                    self._alloc.free(self._retired.pop(ptr))
+        return True
 
     def position(self, key: ChunkKey) -> int:
         """The position the entry's first token was computed at (segment chunks), or -1 (unknown/absent)."""
@@ -170,7 +189,10 @@ class MemoryTier(Tier[torch.Tensor]):
         self._positions.pop(key, None)
         self._policy.remove(key)
         self._used -= self._nbytes(t)
-        self._alloc.free(t)
+        if t.data_ptr() in self._readers:
+            self._retired[t.data_ptr()] = t
+        else:
+            self._alloc.free(t)
 
     def put(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
             positions: Sequence[int] | None = None) -> list[bool]:

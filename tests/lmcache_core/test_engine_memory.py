@@ -365,3 +365,38 @@ def test_memory_tier_put_with_and_read_with():
     assert tier.read_with(k1, lambda t: None, count=False) and tier.stats.hits == 1
     assert not tier.read_with(k2, lambda t: None) and tier.stats.misses == 1
     assert not tier.read_with(k2, lambda t: None, count=False) and tier.stats.misses == 1
+
+
+def test_an_entry_removed_while_read_keeps_its_memory_until_the_reader_is_done():
+    """read_with runs outside the lock: another thread may evict or delete the entry meanwhile; its arena
+    slot is not handed out again until the read has finished."""
+    import threading
+
+    from lmcache_core.keys import ChunkKey
+    from lmcache_core.tiers.memory import ArenaAllocator, MemoryTier
+
+    tier = MemoryTier("L2", 64, ArenaAllocator(64, pin=False), max_protected_bytes=0)  # one slot
+    k1, k2 = (ChunkKey(b"r" * 16, bytes([i]) * 16) for i in range(2))
+    tier.put([(k1, torch.full((16,), 1.0))], positions=[7])
+    outcome = {}
+
+    def other_thread():  # evicts k1 (the only slot) by storing k2, then deletes what is left
+        outcome["put k2"] = tier.put([(k2, torch.full((16,), 2.0))])[0]
+        tier.delete([k1])
+        outcome["k1 held"] = tier.contains([k1])[0]
+
+    def reader(t, position):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join(timeout=10)  # would deadlock if the reader held the tier's lock
+        outcome["alive"] = not worker.is_alive()
+        outcome["read"], outcome["position"] = t.clone(), position
+
+    assert tier.read_with(k1, reader, with_position=True)
+    assert outcome["alive"] and outcome["position"] == 7
+    assert torch.equal(outcome["read"], torch.full((16,), 1.0))  # nobody wrote into the slot being read
+    assert outcome["put k2"] is False  # k1 went (evicted) but its slot was still being read
+    assert not outcome["k1 held"] and tier.usage().entries == 0
+    assert tier.put([(k2, torch.full((16,), 2.0))]) == [True]  # the reader is done: the slot is free again
+    got = []
+    assert tier.read_with(k2, lambda t: got.append(t.clone())) and torch.equal(got[0], torch.full((16,), 2.0))
