@@ -1,7 +1,8 @@
 """`python -m bench.tiers`: put/get GB/s of each tier beside its raw baseline, measured in the same run.
 
 Per tier, the same chunk bytes through the tier and through the plain way of moving them:
-- L1 / L2 (memory tiers): `MemoryTier.put` / `read_into` vs a `torch` `copy_` into preallocated buffers;
+- L1 / L2 (memory tiers): `MemoryTier.put` / `read_into` vs a `torch` `copy_` into preallocated buffers (on
+  a CPU, L1 is an arena like L2, as in the engine);
 - L3 (disk): `DiskTier.put` / `get` vs plain `open().write()` + rename / `open().read()` of the same bytes;
 - L4 (Redis, with `--remote-url`): `RedisTier.put` / `get` vs redis-py `SET` / `GET` of the same bytes in one
   pipeline on one connection (`--baseline-url`, default the first node of the URL). A cluster spreads chunks
@@ -22,7 +23,7 @@ from bench.common import Report, emit, measure, measure_together
 from lmcache_core import CacheConfig, CacheEngine, KVSpec
 from lmcache_core.keys import ChunkKey
 from lmcache_core.tiers.disk import DiskTier
-from lmcache_core.tiers.memory import ArenaAllocator, MemoryTier, TensorAllocator
+from lmcache_core.tiers.memory import ArenaAllocator, MemoryTier, device_allocator
 
 # name -> (layers, kv heads, head dim): real models' per-token KV geometry (bf16).
 SHAPES = {"smollm2-135m": (30, 3, 64), "llama3-8b": (32, 8, 128)}
@@ -64,7 +65,7 @@ def bench_memory(cfg, keys, kvs, report):
     outs = [torch.empty_like(kv) for kv in kvs]
     dsts = [torch.empty_like(kv) for kv in kvs]
     cap = 2 * nbytes
-    for name, alloc in (("L1", TensorAllocator(torch.device("cpu"))), ("L2", ArenaAllocator(cap, pin=False))):
+    for name, alloc in (("L1", device_allocator(torch.device("cpu"), cap)), ("L2", ArenaAllocator(cap, pin=False))):
         tier = MemoryTier(name, cap, alloc, max_protected_bytes=0)
         rounds = [0]
 

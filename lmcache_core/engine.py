@@ -29,7 +29,7 @@ from .keys import ChunkKey, KVSpec
 from .singleflight import ChainedLocks, LocalLocks
 from .tiers import build_byte_tiers
 from .tiers import distributed_locks as redis_locks
-from .tiers.memory import ArenaAllocator, MemoryTier, TensorAllocator
+from .tiers.memory import ArenaAllocator, MemoryTier, device_allocator
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,7 @@ class CacheEngine:
         protect = dict(hot_hit_threshold=cfg.hot_hit_threshold, hot_ttl=cfg.hot_cache_ttl)
         tiers = []
         if l1_bytes > 0:
-            # CUDA's caching allocator pools the entries; torch's CPU allocator hands every multi-megabyte
-            # tensor fresh pages, so a CPU L1 is one arena like L2 (a promotion of an 11.8 MB chunk into
-            # fresh pages took 16 ms, bench.ttft ours-L3 on 2 cores)
-            alloc = TensorAllocator(self.device) if self.device.type == "cuda" else ArenaAllocator(l1_bytes, pin=False)
-            tiers.append(MemoryTier("L1", l1_bytes, alloc,
+            tiers.append(MemoryTier("L1", l1_bytes, device_allocator(self.device, l1_bytes),
                                     max_protected_bytes=int(cfg.max_hot_ratio * l1_bytes), **protect))
         if cfg.max_local_cpu_size > 0:
             arena = ArenaAllocator(cfg.max_local_cpu_size, pin=torch.cuda.is_available())

@@ -74,6 +74,13 @@ class ArenaAllocator:
         return max(nbytes, self._slot_bytes)
 
 
+def device_allocator(device: torch.device, capacity: int):
+    """L1's allocator: CUDA's caching allocator pools the entries; torch's CPU allocator hands every
+    multi-megabyte tensor fresh pages, so a CPU L1 is one arena like L2 (promoting an 11.8 MB chunk into
+    fresh pages took 16 ms in bench.ttft ours-L3 on 2 cores)."""
+    return TensorAllocator(device) if device.type == "cuda" else ArenaAllocator(capacity, pin=False)
+
+
 class MemoryTier(Tier[torch.Tensor]):
     def __init__(self, name: str, capacity: int, allocator, *, max_protected_bytes: int,
                  hot_hit_threshold: int = 0, hot_ttl: float = 0.0):
