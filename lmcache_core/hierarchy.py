@@ -136,17 +136,22 @@ class TierStack:
         when given (and then returned), else into a new CPU tensor. with_position: (kv, position)."""
         for tier in self.byte_tiers:
             buf = tier.get([key])[0]
-            if buf is None:
-                continue
-            try:
-                kv, position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
-                return (kv, position) if with_position else kv
-            except CorruptChunkError as e:
-                log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
-                            key.name, e)
-                tier.stats.corrupt += 1
-                tier.delete([key])
+            found = None if buf is None else self._decode(tier, key, buf, out)
+            if found is not None:
+                return found if with_position else found[0]
         return None
+
+    def _decode(self, tier: Tier, key: ChunkKey, buf, out: torch.Tensor | None = None):
+        """codec.decode of key's bytes from `tier`: (kv, position), or None for a chunk that fails
+        verification (deleted from `tier` and counted)."""
+        try:
+            return codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
+        except CorruptChunkError as e:
+            log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
+                        key.name, e)
+            tier.stats.corrupt += 1
+            tier.delete([key])
+            return None
 
     def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int, position: int = -1) -> None:
         for tier in self.memory[:above]:
@@ -223,18 +228,8 @@ class TierStack:
     def _land(self, tier: Tier, key: ChunkKey, buf) -> None:
         """Decode `buf` (key's bytes from `tier`) into the memory tiers. A corrupt chunk is deleted and
         counted, and left to the read path (which asks the next tier)."""
-        def decode(out: torch.Tensor | None = None):
-            try:
-                return codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
-            except CorruptChunkError as e:
-                log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
-                            key.name, e)
-                tier.stats.corrupt += 1
-                tier.delete([key])
-                return None
-
         if self.expect is None:  # the chunk's shape is unknown here: decode, then copy in
-            found = decode()
+            found = self._decode(tier, key, buf)
             if found is not None:
                 self._promote(key, found[0], above=len(self.memory), position=found[1])
             return
@@ -242,7 +237,7 @@ class TierStack:
         positions: list[int] = []
 
         def fill(dst: torch.Tensor) -> bool:
-            found = decode(dst)
+            found = self._decode(tier, key, buf, dst)
             positions.extend(found[1:] if found is not None else ())
             return found is not None
 
