@@ -101,9 +101,9 @@ class TierStack:
         """Hand chunk `keys[i]` to `consume(i, kv)` in order; returns how many leading chunks were handed over.
 
         kv is valid only during the call: a memory tier's own entry (see `MemoryTier.read_with`: read it,
-        never modify or keep it), or a chunk just decoded on the CPU. Memory
-        tiers hold chunks on their own device (L1: the engine's; L2: the CPU). with_position: consume(i, kv,
-        position), the position the chunk's first token was computed at (-1: not recorded)."""
+        never modify or keep it), or a chunk just decoded on the CPU. Memory tiers hold chunks on their own
+        device (L1: the engine's; L2: the CPU). with_position: consume(i, kv, position), the position the
+        chunk's first token was computed at (-1: not recorded)."""
         for i, key in enumerate(keys):
             future = self._prefetching.get(key)
             if future is not None:

@@ -5,9 +5,9 @@ A put is two-phase: space is reserved and filled first (`put` copies a tensor in
 caller write the entry, e.g. decode straight into it), and the key becomes visible only when the fill is
 complete, so a concurrent reader never sees half a chunk. `read_with` hands a reader the entry itself (no
 copy), e.g. to scatter it into a paged cache, outside the tier's lock: an entry removed meanwhile keeps its
-memory until its last reader is done, so other threads store and promote while one reads. When room is needed, least
-recently used unprotected entries are evicted; the `on_evict` callback (set by the engine) sees each victim
-first, so it can demote it to a lower tier (write-back).
+memory until its last reader is done, so other threads store and promote while one reads. When room is
+needed, least recently used unprotected entries are evicted; the `on_evict` callback (set by the engine)
+sees each victim first, so it can demote it to a lower tier (write-back).
 """
 
 import threading

@@ -13,12 +13,12 @@ Pipelines are sent on redis-py's connections and their replies read by `tiers.re
 from the socket straight into its own buffer (redis-py's reader: quadratic in a value's size; values come
 back as `bytearray`). Cluster (`redis-cluster://`, or a `redis://` server saying `cluster_enabled:1`): each
 batch is split by the node serving each slot and the per-node pipelines run on a small thread pool, so the
-shards answer in parallel (bench.tiers, 3 local masters, 2 cores: 1.44x one plain connection's GET
-throughput; redis-py's own reader got 0.93-1.10x). redis-py's ClusterPipeline is
-not used: it reads nodes one after another and, on a timeout, re-sends each failed command alone, which
-would multiply the latency bound. Node faults refresh redis-py's slot map in the background (at most every
-REFRESH_S); a MOVED reply patches the slot's owner at once (redis-py's `move_slot`) and the item is retried
-once there; ASK (a slot being migrated) is a miss.
+shards answer in parallel (bench.tiers, 3 local masters, 2 cores: 1.44-1.75x one plain connection's GET
+throughput; with redis-py's own reader 0.93-1.10x). redis-py's ClusterPipeline is not used: it reads nodes
+one after another and, on a timeout, re-sends each failed command alone, which would multiply the latency
+bound. Node faults refresh redis-py's slot map in the background (at most every REFRESH_S); a MOVED reply
+patches the slot's owner at once (redis-py's `move_slot`) and the item is retried once there; ASK (a slot
+being migrated) is a miss.
 
 Faults (connection, timeout, auth; per-item "response" errors are counted only) are a miss or False,
 counted in `stats.errors[kind]`, and start a back-off for that server (cluster: that node), 0.5 s doubling to
