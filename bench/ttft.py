@@ -48,8 +48,8 @@ from bench.common import Report, emit
 from bench.ttft_quality import CONTINUATION_TOKENS, quality_figures
 from bench.ttft_scenarios import APPROXIMATE, SCENARIOS, SEGMENT_SCENARIOS, WARMUP_TOKENS, Context, Result
 from bench.ttft_scenarios import default_scenarios, run_all
-from bench.ttft_workloads import RAG_PREAMBLE, REPEAT_MODES, WORKLOADS, build, load_tokenizer, separator_ends
-from bench.ttft_workloads import to_text
+from bench.ttft_workloads import RAG_PREAMBLE, REPEAT_MODES, WORKLOADS, build, load_tokenizer, to_text
+from connectors.segments import separator_ends
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

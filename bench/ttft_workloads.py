@@ -32,7 +32,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-import numpy as np
+from connectors.segments import separator_ends
 
 LICENSES = "/usr/share/common-licenses"
 FALLBACK_MODULES = ("argparse", "collections", "json", "logging", "subprocess", "threading", "typing")
@@ -123,23 +123,6 @@ class Corpus:
 def _question(corpus: Corpus, i: int, lead: str = "\n\n") -> list[int]:
     text = QUESTIONS[i % len(QUESTIONS)] + (f" (take {i // len(QUESTIONS) + 1})" if i >= len(QUESTIONS) else "")
     return corpus.encode(f"{lead}Question: {text}\nAnswer:")
-
-
-def separator_ends(tokens, separator) -> list[int]:
-    """Positions just after each occurrence of `separator` in `tokens`, scanning left to right without
-    overlaps: where segments end (the segment after the last occurrence runs to the end of the prompt)."""
-    sep = np.asarray(separator, dtype=np.int64)
-    ids = np.asarray(tokens, dtype=np.int64)
-    k = sep.size
-    if not k or ids.size < k:
-        return []
-    starts = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids, k) == sep).all(axis=1))
-    ends, last = [], -1
-    for s in starts.tolist():  # drop overlapping matches (multi-token separators only)
-        if s >= last:
-            ends.append(s + k)
-            last = s + k
-    return ends
 
 
 def _order(pairs: list[tuple[int, int]], mode: str, seed: int) -> list[tuple[int, int]]:

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kernels import chunk_hashes
 from kernels.chunk_hash import as_token_words
 
@@ -62,25 +64,29 @@ def parse_separator(value: Any, tokenize: Callable[[str], list[int]] | None = No
     raise SegmentError(f"segment_separator: expected a string or a list of token ids, got {value!r}")
 
 
+def separator_ends(token_ids, separator: Sequence[int]) -> list[int]:
+    """Positions just after each occurrence of `separator` in `token_ids`, scanning left to right without
+    overlaps (matched in one numpy pass; only repetitive multi-token separators can overlap)."""
+    words = as_token_words(token_ids)
+    sep = np.asarray(list(separator), dtype=words.dtype)
+    k = sep.size
+    if not k or words.size < k:
+        return []
+    starts = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(words, k) == sep).all(axis=1))
+    ends, last = [], 0
+    for s in starts.tolist():
+        if s >= last:
+            last = s + k
+            ends.append(last)
+    return ends
+
+
 def split_at_separator(token_ids, separator: Sequence[int]) -> list[tuple[int, int]]:
     """Spans tiling the prompt, each ending just after an occurrence of `separator` (the last one at the
     end of the prompt). A prompt without the separator is one span."""
-    words = as_token_words(token_ids)
-    n, sep = int(words.size), list(separator)
-    k = len(sep)
-    if not k:
-        return [(0, n)] if n else []
-    tokens = words.tolist()
-    spans, start, i = [], 0, 0
-    while i + k <= n:
-        if tokens[i:i + k] == sep:
-            spans.append((start, i + k))
-            start = i = i + k
-        else:
-            i += 1
-    if start < n:
-        spans.append((start, n))
-    return spans
+    n = int(as_token_words(token_ids).size)
+    bounds = [0, *(e for e in separator_ends(token_ids, separator) if e < n), n]
+    return [(a, b) for a, b in zip(bounds, bounds[1:])] if n else []
 
 
 def check_segments(segments: Any, num_tokens: int) -> list[tuple[int, int]]:
@@ -119,17 +125,17 @@ def segment_chunks(token_ids, spans: Sequence[tuple[int, int]], chunk_size: int,
     return out
 
 
-def leading_run(start: int, chunks: Sequence[SegmentChunk], cached: Sequence[bool], limit: int) -> list[SegmentChunk]:
-    """The segment chunks that extend a run of loadable tokens from `start` (where exact prefix reuse
-    ended): consecutive cached chunks, the first one holding position `start` (prefix chunks and segment
-    chunks are cut on different grids: its part from `start` on is loaded), none ending past `limit`."""
+def leading_run(start: int, chunks: Sequence[SegmentChunk], cached: Sequence[bool], limit: int) -> list[int]:
+    """Indices of the segment chunks that extend a run of loadable tokens from `start` (where exact prefix
+    reuse ended): consecutive cached chunks, the first one holding position `start` (prefix chunks and
+    segment chunks are cut on different grids: its part from `start` on is loaded), none ending past `limit`."""
     run, pos = [], start
-    for chunk, hit in zip(chunks, cached):
+    for i, (chunk, hit) in enumerate(zip(chunks, cached)):
         if chunk.end <= pos:
             continue
         if chunk.start > pos or not hit or chunk.end > limit:
             break
-        run.append(chunk)
+        run.append(i)
         pos = chunk.end
     return run
 
@@ -168,10 +174,8 @@ class SegmentPlan:
     def extend(self, start: int, limit: int) -> int:
         """Where the loadable run that exact prefix reuse ended at `start` ends, with cached segment chunks
         (none ending past `limit`); remembers the chunks it uses."""
-        run = leading_run(start, self.chunks, self.cached, limit)
-        index = {id(c): i for i, c in enumerate(self.chunks)}
-        self.run = [index[id(c)] for c in run]
-        return run[-1].end if run else start
+        self.run = leading_run(start, self.chunks, self.cached, limit)
+        return self.chunks[self.run[-1]].end if self.run else start
 
     def load_pieces(self, start: int, end: int) -> list[tuple]:
         """(key, chunk start, tokens) of the run's chunks that overlap [start, end)."""

@@ -204,12 +204,19 @@ def _block_plan(pk: PagedKV, slots: torch.Tensor):
     return None, None, None
 
 
+def _copy_runs(pk: PagedKV, staging: torch.Tensor, runs, to_staging: bool) -> None:
+    """The block-runs path of both directions: one strided copy per layer and run."""
+    for cache, stage in _run_views(pk, staging, runs):
+        if to_staging:
+            stage.copy_(cache)
+        else:
+            cache.copy_(stage)
+
+
 def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
     runs, index, width = _block_plan(pk, slots)
     if runs is not None:
-        for src, dst in _run_views(pk, out, runs):
-            dst.copy_(src)
-        return
+        return _copy_runs(pk, out, runs, to_staging=True)
     pad = None
     if index is None:
         width = _row_width(pk)
@@ -225,9 +232,7 @@ def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
 def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> None:
     runs, index, width = _block_plan(pk, slots)
     if runs is not None:
-        for dst, values in _run_views(pk, staging, runs):
-            dst.copy_(values)
-        return
+        return _copy_runs(pk, staging, runs, to_staging=False)
     src = staging.view(_INT_OF_SIZE[staging.element_size()])
     if index is None:
         width = _row_width(pk)
@@ -235,13 +240,8 @@ def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> N
         if not keep.all():
             slots, src = slots[keep], src[:, :, keep]
         index = _row_index(pk, slots, width)
-    _copy_rows(pk, index, src.reshape(pk.num_layers, -1, width), width)
-
-
-def _copy_rows(pk: PagedKV, index: torch.Tensor, values: torch.Tensor, width: int) -> None:
-    """rows(layer)[index] = values[layer], for every layer."""
-    for rows, v in zip(_row_views(pk, width), values):
-        rows.index_copy_(0, index, v.view(rows.dtype))
+    for rows, values in zip(_row_views(pk, width), src.reshape(pk.num_layers, -1, width)):
+        rows.index_copy_(0, index, values.view(rows.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -69,8 +69,7 @@ class CacheEngine:
         self._local_locks, self._remote_locks = LocalLocks(), distributed_locks
         self.locks = ChainedLocks(*(x for x in (self._local_locks, distributed_locks) if x is not None))
         secret = cfg.cache_secret.encode() if cfg.cache_secret else None
-        codec = cfg.codec if cfg.compression_enabled else "none"
-        self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=codec,
+        self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=cfg.effective_codec,
                                level=cfg.compression_level, min_ratio=cfg.compression_min_ratio,
                                write_policy=cfg.write_policy, secret=secret, device=self.device)
         self.tiers.expect = self._chunk_layout()

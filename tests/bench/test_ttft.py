@@ -23,7 +23,8 @@ from bench.models import smollm2_dir
 from bench.ttft import parse_config, segment_target_notes, summarize
 from bench.ttft_quality import agreement, continuation_logprobs, mean_nll, perplexity_ratio, quality_figures
 from bench.ttft_scenarios import SCENARIOS, SEGMENT_SCENARIOS, Result, default_scenarios, segment_overrides
-from bench.ttft_workloads import RAG_PREAMBLE, build, load_tokenizer, separator_ends
+from bench.ttft_workloads import RAG_PREAMBLE, build, load_tokenizer
+from connectors.segments import separator_ends
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,13 +98,6 @@ def test_rag_prompts_are_passages_each_ending_with_the_separator_then_a_question
         assert r.label.startswith(f"passages {order} ")
         orders.append(tuple(order))
     assert len({o[0] for o in orders}) > 1 and len(set(orders)) > 5, "orders and combinations must vary"
-
-
-def test_separator_ends_scans_left_to_right_without_overlaps():
-    assert separator_ends([5, 1, 2, 1, 2, 9], [1, 2]) == [3, 5]
-    assert separator_ends([7, 7, 7, 7], [7, 7]) == [2, 4]  # not 2, 3, 4
-    assert separator_ends([7, 7, 7], [7, 7]) == [2]
-    assert separator_ends([1, 2, 3], [4]) == [] and separator_ends([1], [1, 2]) == [] and separator_ends([1], []) == []
 
 
 def test_rag_cli_defaults_and_scenarios():

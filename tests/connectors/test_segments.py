@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from connectors.segments import (
-    SegmentChunk, SegmentError, check_segments, leading_run, parse_separator, segment_chunks, split_at_separator,
+    SegmentChunk, SegmentError, check_segments, leading_run, parse_separator, segment_chunks, separator_ends, split_at_separator,
 )
 from kernels import chunk_hashes
 from kernels.rope import rope_shift_ref
@@ -17,6 +17,14 @@ def test_split_at_separator_tiles_the_prompt():
     assert split_at_separator([1, 2, 3], sep) == [(0, 3)]  # never appears: one span, nothing changes
     assert split_at_separator([7, 8], sep) == [(0, 2)]
     assert split_at_separator([], sep) == []
+    assert split_at_separator([7, 7, 7], [7, 7]) == [(0, 2), (2, 3)]  # matches never overlap
+
+
+def test_separator_ends_scans_left_to_right_without_overlaps():
+    assert separator_ends([5, 1, 2, 1, 2, 9], [1, 2]) == [3, 5]
+    assert separator_ends([7, 7, 7, 7], [7, 7]) == [2, 4]  # not 2, 3, 4
+    assert separator_ends([7, 7, 7], [7, 7]) == [2]
+    assert separator_ends([1, 2, 3], [4]) == [] and separator_ends([1], [1, 2]) == [] and separator_ends([1], []) == []
 
 
 def test_parse_separator():
@@ -63,11 +71,11 @@ def test_segment_chunks_are_position_independent_with_tails():
 
 def test_leading_run_stops_at_a_gap_a_miss_or_the_limit():
     chunks = [SegmentChunk(0, 4, b"a"), SegmentChunk(4, 2, b"b"), SegmentChunk(6, 4, b"c"), SegmentChunk(12, 4, b"d")]
-    assert leading_run(0, chunks, [True] * 4, limit=100) == chunks[:3]  # 10..12 is not a segment
-    assert leading_run(4, chunks, [True] * 4, limit=100) == chunks[1:3]  # prefix reuse covered 0..4
-    assert leading_run(0, chunks, [True, False, True, True], limit=100) == chunks[:1]
-    assert leading_run(0, chunks, [True] * 4, limit=9) == chunks[:2]
-    assert leading_run(2, chunks, [True] * 4, limit=100) == chunks[:3]  # from inside chunk 0: its rest loads
+    assert leading_run(0, chunks, [True] * 4, limit=100) == [0, 1, 2]  # 10..12 is not a segment
+    assert leading_run(4, chunks, [True] * 4, limit=100) == [1, 2]  # prefix reuse covered 0..4
+    assert leading_run(0, chunks, [True, False, True, True], limit=100) == [0]
+    assert leading_run(0, chunks, [True] * 4, limit=9) == [0, 1]
+    assert leading_run(2, chunks, [True] * 4, limit=100) == [0, 1, 2]  # from inside chunk 0: its rest loads
     assert leading_run(11, chunks, [True] * 4, limit=100) == []  # inside a gap
 
 
