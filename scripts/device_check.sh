@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one prepared run for a lent GPU machine: the kernel tests on the device (no interpreter) and
+# `python -m bench.kernels`, everything under $OUT. Here first: `make device-prep`; then the device tool's
+# run with carry [".device"] and command `bash scripts/device_check.sh` (about 5 minutes; timeout_s 560).
+# That machine has its own torch and Triton (2.11 / 3.6 when this was written), pytest and hypothesis, and
+# no registry: zstandard comes as a wheel from .device/wheels, the shared test data from .device/shared.
+set -uo pipefail
+OUT=${OUT:-results/device}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .device/wheels/*.whl && export PYTHONPATH=/tmp/site
+export SHARED_DIR="$PWD/.device/shared" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+{ nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+  torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/env.txt"
+timeout 330 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/pytest.txt" | tail -40
+timeout 180 python3 -m bench.kernels --output "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
