@@ -29,17 +29,26 @@ $(TRITON_GPU_DIR)/.installed:
 	$(PIP) --no-deps --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU)"
 	touch $@
 
+# LMCache, the peer library bench.kernels measures against (and tests/bench checks byte for byte): only its
+# transfer functions are used, so it goes without its dependencies (CUDA-only ones among them) into its own
+# folder, put on PYTHONPATH only where it is used.
+LMCACHE := 0.5.6
+LMCACHE_DIR := $(VENV)/lmcache-$(LMCACHE)
+$(LMCACHE_DIR)/.installed:
+	$(PIP) --no-deps --target $(LMCACHE_DIR) "lmcache==$(LMCACHE)"
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/python -m bench.ttft --output results/ttft.json --plot results/ttft.png
 
-test: $(STAMP) $(TRITON_GPU_DIR)/.installed
+test: $(STAMP) $(TRITON_GPU_DIR)/.installed $(LMCACHE_DIR)/.installed
 	bash scripts/ensure_redis.sh $(VENV)
-	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=3.9.0 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=3.9.0 PEER_LMCACHE_DIR=$(LMCACHE_DIR) $(BIN)/python -m pytest -q
 	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=$(TRITON_GPU) PYTHONPATH=$(TRITON_GPU_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/kernels
 
-bench-kernels: $(STAMP)
-	$(BIN)/python -m bench.kernels --output results/kernels.json
+bench-kernels: $(STAMP) $(LMCACHE_DIR)/.installed
+	PYTHONPATH=$(LMCACHE_DIR) $(BIN)/python -m bench.kernels --output results/kernels.json
 
 # A lent GPU machine (the `device` tool) reaches no registry and gets the repository alone: put the wheels it
 # lacks and a copy of the shared test data in .device/ (ignored by git; name it in the tool's carry), then

@@ -6,7 +6,10 @@ GB/s counts bytes read plus bytes written (2x the staging bytes). Baselines meas
 - `copy_hot`: one `copy_` between two staging-sized buffers; they stay in the CPU's last-level cache when
   small, so it overstates the roofline on CPU (reported for reference only);
 - `naive`: a per-layer loop of advanced indexing (`cache[:, blocks, offsets]`), what one writes first;
-- `lmcache`: LMCache's `multi_layer_kv_transfer` when `lmcache` is importable (skipped with the reason otherwise).
+- `lmcache`: LMCache's `multi_layer_kv_transfer` through `lmcache.device_ops` (its CUDA kernel on a GPU, its
+  vectorized torch fallback on CPU), for the layouts it has a format for, when `lmcache` is importable
+  (`make bench-kernels` installs it beside the venv); its output is checked against ours before timing.
+  Skipped with the reason otherwise (the CPU fallback has no HND layouts).
 """
 
 import argparse
@@ -26,7 +29,7 @@ class Config:
     tokens: int = 256  # one chunk
     cache_tokens: int = 8192  # slots in the paged cache the chunk is drawn from
     block_sizes: tuple[int, ...] = (16, 128)
-    layouts: tuple[str, ...] = ("flash_attn", "flash_attn_hnd", "vllm_cpu")
+    layouts: tuple[str, ...] = ("flash_attn", "flashinfer", "flash_attn_hnd", "vllm_cpu")
     orders: tuple[str, ...] = ("contiguous", "blocks", "shuffled")
     dtype: str = "bfloat16"
     repeats: int = 20
@@ -82,13 +85,43 @@ def _naive_scatter(staging, caches, slots, layout):
         layout.canonical(cache)[:, blocks, offsets] = staging[layer]
 
 
-def _lmcache_status() -> str | None:
-    """None when LMCache's transfer kernel can run here, else why not."""
+# LMCache's name for each of our layouts: per-layer tensors, [2, NB, BS, H, D] and so on.
+_LMCACHE_FORMATS = {"flash_attn": "NL_X_TWO_NB_BS_NH_HS", "flashinfer": "NL_X_NB_TWO_BS_NH_HS",
+                    "flash_attn_hnd": "NL_X_TWO_NB_NH_BS_HS"}
+
+
+def _lmcache_fns(name: str, caches, slots, staging) -> tuple[dict, str | None]:
+    """LMCache's gather and scatter of the same slots ({} and why not, where it cannot run). LMCache's
+    staging is [2, L, N, H*D]; its gather is checked byte for byte against ours before it is timed."""
     try:
-        from lmcache import c_ops  # noqa: F401
+        import lmcache
+        from lmcache.lmcache_native import EngineKVFormat, TransferDirection
+        transfer = lmcache.device_ops.multi_layer_kv_transfer
     except Exception as e:  # any import failure means: not runnable here
-        return f"lmcache not importable ({type(e).__name__}: {e})"
-    return None
+        return {}, f"lmcache not importable ({type(e).__name__}: {e})"
+    if name not in _LMCACHE_FORMATS:
+        return {}, f"lmcache has no format for {name}"
+    fmt = getattr(EngineKVFormat, _LMCACHE_FORMATS[name])
+    device = caches[0].device
+    ptrs = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64, device=device)
+    layers, num_kv, tokens, heads, head_dim = staging.shape
+    theirs = torch.zeros(num_kv, layers, tokens, heads * head_dim, dtype=staging.dtype, device=device)
+    slots_per_layer = caches[0].numel() // (num_kv * heads * head_dim)
+    block_size = KVLayout.from_name(name).canonical(caches[0]).shape[2]
+
+    def run(direction):
+        transfer(theirs, ptrs, slots, device, slots_per_layer, direction, fmt, block_size=block_size,
+                 head_size=head_dim)
+
+    try:
+        run(TransferDirection.D2H)
+    except NotImplementedError as e:
+        return {}, f"lmcache cannot move {name} here ({e})"
+    ours = staging.permute(1, 0, 2, 3, 4).reshape(theirs.shape)
+    if not torch.equal(theirs.view(torch.int16), ours.view(torch.int16)):
+        raise AssertionError(f"lmcache's gather of {name} differs from ours: the baseline moves other bytes")
+    return {"lmcache_gather": lambda: run(TransferDirection.D2H),
+            "lmcache_scatter": lambda: run(TransferDirection.H2D)}, None
 
 
 def run(cfg: Config) -> Report:
@@ -96,9 +129,7 @@ def run(cfg: Config) -> Report:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     dtype = getattr(torch, cfg.dtype)
     report = Report("kernels", asdict(cfg))
-    lmcache_skip = _lmcache_status()
-    if lmcache_skip:
-        report.notes.append(f"lmcache baseline skipped: {lmcache_skip}")
+    lmcache_skipped = []
     for name in cfg.layouts:
         layout = KVLayout.from_name(name)
         for block_size in cfg.block_sizes:
@@ -109,6 +140,9 @@ def run(cfg: Config) -> Report:
                 moved = 2 * staging.numel() * staging.element_size()  # read + write
                 flat_src = torch.empty_like(staging)
                 runs = _contiguous_runs(caches, staging)
+                lmcache, why = _lmcache_fns(name, caches, slots, staging)
+                if why and why not in lmcache_skipped:
+                    lmcache_skipped.append(why)
                 results = measure_together({
                     "copy": lambda: [dst.copy_(src) for src, dst in runs],
                     "copy_hot": lambda: staging.copy_(flat_src),
@@ -116,6 +150,7 @@ def run(cfg: Config) -> Report:
                     "scatter": lambda: scatter_kv(staging, caches, slots, layout, validate=False),
                     "naive_gather": lambda: _naive_gather(caches, slots, layout, staging),
                     "naive_scatter": lambda: _naive_scatter(staging, caches, slots, layout),
+                    **lmcache,
                 }, repeats=cfg.repeats, device=device)
                 gbps = {k: t.rate(moved) / 1e9 for k, t in results.items()}
                 report.rows.append({
@@ -125,8 +160,11 @@ def run(cfg: Config) -> Report:
                     "scatter_vs_copy": gbps["scatter"] / gbps["copy"],
                     "gather_vs_naive": gbps["gather"] / gbps["naive_gather"],
                     "scatter_vs_naive": gbps["scatter"] / gbps["naive_scatter"],
+                    **({"gather_vs_lmcache": gbps["gather"] / gbps["lmcache_gather"],
+                        "scatter_vs_lmcache": gbps["scatter"] / gbps["lmcache_scatter"]} if lmcache else {}),
                     "timings": {k: asdict(t) for k, t in results.items()},
                 })
+    report.notes += [f"lmcache baseline skipped: {why}" for why in lmcache_skipped]
     return report
 
 
@@ -153,7 +191,8 @@ def main(argv=None) -> Report:
     report = run(cfg)
     return emit(report, ["layout", "block_size", "order", "MB_moved", "copy_GBps", "copy_hot_GBps", "gather_GBps",
                          "scatter_GBps", "naive_gather_GBps", "naive_scatter_GBps", "gather_vs_copy",
-                         "scatter_vs_copy", "gather_vs_naive", "scatter_vs_naive"], cfg.output)
+                         "scatter_vs_copy", "gather_vs_naive", "scatter_vs_naive", "lmcache_gather_GBps",
+                         "lmcache_scatter_GBps", "gather_vs_lmcache", "scatter_vs_lmcache"], cfg.output)
 
 
 if __name__ == "__main__":
