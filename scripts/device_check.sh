@@ -3,7 +3,8 @@
 # `python -m bench.kernels`, everything under $OUT. Here first: `make device-prep`; then the device tool's
 # run with carry [".device"] and command `bash scripts/device_check.sh` (about 5 minutes; timeout_s 560).
 # That machine has its own torch and Triton (2.11 / 3.6 when this was written), pytest and hypothesis, and
-# no registry: zstandard comes as a wheel from .device/wheels, the shared test data from .device/shared.
+# no registry: zstandard and LMCache (the baseline) come as wheels from .device/wheels, the shared test data
+# from .device/shared.
 set -uo pipefail
 OUT=${OUT:-results/device}
 mkdir -p "$OUT"
