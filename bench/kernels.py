@@ -1,10 +1,11 @@
 """`python -m bench.kernels`: gather/scatter bandwidth beside a plain copy and a naive loop, same run.
 
 GB/s counts bytes read plus bytes written (2x the staging bytes). Baselines measured in the same run:
-- `copy`: contiguous `copy_`s of the same number of bytes from the same cache tensors into the staging
-  buffer (one slice per layer and K/V): the roofline for a byte mover reading that memory;
-- `copy_hot`: one `copy_` between two staging-sized buffers; they stay in the CPU's last-level cache when
-  small, so it overstates the roofline on CPU (reported for reference only);
+- `copy`: the roofline for a byte mover. CPU: contiguous `copy_`s of the same number of bytes from the same
+  cache tensors into the staging buffer (one slice per layer and K/V). CUDA: one device-to-device `copy_` of
+  the same bytes (64 launches would measure launch gaps; L2 is flushed before every timed call);
+- `copy_hot`: one `copy_` between two staging-sized buffers; on CPU they stay in the last-level cache when
+  small, so it overstates the roofline there (reported for reference only; on CUDA it is `copy`);
 - `naive`: a per-layer loop of advanced indexing (`cache[:, blocks, offsets]`), what one writes first;
 - `lmcache`: LMCache's `multi_layer_kv_transfer` through `lmcache.device_ops` (its CUDA kernel on a GPU, its
   vectorized torch fallback on CPU), for the layouts it has a format for, when `lmcache` is importable
@@ -143,8 +144,10 @@ def run(cfg: Config) -> Report:
                 lmcache, why = _lmcache_fns(name, caches, slots, staging)
                 if why and why not in lmcache_skipped:
                     lmcache_skipped.append(why)
+                copy = ((lambda: staging.copy_(flat_src)) if device.type == "cuda"
+                        else (lambda: [dst.copy_(src) for src, dst in runs]))
                 results = measure_together({
-                    "copy": lambda: [dst.copy_(src) for src, dst in runs],
+                    "copy": copy,
                     "copy_hot": lambda: staging.copy_(flat_src),
                     "gather": lambda: gather_kv(caches, slots, layout, out=staging, validate=False),
                     "scatter": lambda: scatter_kv(staging, caches, slots, layout, validate=False),
