@@ -21,10 +21,10 @@ patches the slot's owner at once (redis-py's `move_slot`) and the item is retrie
 being migrated) is a miss.
 
 Faults (connection, timeout, auth; per-item "response" errors are counted only) are a miss or False,
-counted in `stats.errors[kind]`, and start a back-off for that server (cluster: that node), 0.5 s doubling to
-30 s, during which calls answer at once without touching the network (errors["backoff_skip"]); then one
-call probes, and a success resets it. `timeout` bounds each socket operation, so a call returns within
-about `timeout` even from a hung server.
+counted in `stats.errors[kind]`, and start a back-off (`tiers.backoff`) for that server (cluster: that
+node), 0.5 s doubling to 30 s, during which calls answer at once without touching the network
+(errors["backoff_skip"]); then one call probes, and a success resets it. `timeout` bounds each socket
+operation, so a call returns within about `timeout` even from a hung server.
 
 usage(): Redis memory is bounded by the server's maxmemory and by `ttl`, not by us: capacity is 0 (unknown);
 used_bytes and entries count what this process wrote (a chunk already present counts once) minus deleted.
@@ -49,6 +49,7 @@ from redis.retry import Retry
 from ..keys import ChunkKey
 from ..remote_url import RemoteURL, parse_remote_url
 from . import resp
+from .backoff import Backoff
 from .base import Tier, TierUsage
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ PREFIX = "lmc:v1:"
 MANIFEST = struct.Struct("<8sIQQ")  # magic, parts, total bytes, xxh3-64 of the value: 28 bytes
 MANIFEST_MAGIC = b"LMCPARTS"
 MAX_PARTS = 65536  # a forged manifest cannot make a reader ask for more
-BACKOFF_INITIAL_S, BACKOFF_MAX_S = 0.5, 30.0
 REFRESH_S = 0.5  # slot-map re-reads while a cluster node is failing: a failover is seen within this
 CONNECT, SERVER = "connect", "server"  # back-off targets: making the client; a single server (cluster: node names)
 _CHANGING = (rex.ClusterDownError, rex.TryAgainError, rex.MasterDownError)
@@ -85,42 +85,6 @@ def error_kind(e: BaseException) -> str:
     if isinstance(e, (rex.ConnectionError, rex.RedisClusterException, OSError)):
         return "connection"
     return "response"
-
-
-class Backoff:
-    """Per-target exponential back-off. `admit` returns a token (None: skip the network); the first
-    `failed` per token doubles the delay, so calls that were in flight together count as one failure."""
-
-    def __init__(self, initial: float = BACKOFF_INITIAL_S, maximum: float = BACKOFF_MAX_S, clock=time.monotonic):
-        self.initial, self.maximum, self.clock = initial, maximum, clock
-        self._state: dict[str, list] = {}  # target -> [until, delay, generation]
-        self._lock = threading.Lock()
-
-    def admit(self, target: str) -> int | None:
-        with self._lock:
-            st = self._state.get(target)
-            if st is None:
-                return 0
-            now = self.clock()
-            if now < st[0]:
-                return None
-            st[0] = now + st[1]  # this caller probes; the others keep skipping until it answers
-            return st[2]
-
-    def failed(self, target: str, token: int) -> None:
-        with self._lock:
-            st = self._state.setdefault(target, [0.0, 0.0, 0])
-            if st[2] == token:
-                st[1] = self.initial if st[1] == 0 else min(self.maximum, st[1] * 2)
-                st[0], st[2] = self.clock() + st[1], st[2] + 1
-
-    def ok(self, target: str) -> None:
-        with self._lock:
-            self._state.pop(target, None)
-
-    def delay(self, target: str) -> float:
-        with self._lock:
-            return self._state.get(target, (0.0, 0.0))[1]
 
 
 class RedisTier(Tier[bytes]):

@@ -19,9 +19,9 @@ import redis.cluster
 
 from lmcache_core.config import CacheConfig
 from lmcache_core.keys import ChunkKey
+from lmcache_core.tiers.backoff import Backoff
 from lmcache_core.tiers.redis_locks import RedisLocks, lock_name
-from lmcache_core.tiers.redis_tier import (CONNECT, MANIFEST, SERVER, Backoff, RedisTier, head_name,
-                                           part_name)
+from lmcache_core.tiers.redis_tier import CONNECT, MANIFEST, SERVER, RedisTier, head_name, part_name
 from tests.redis_servers import LOOPBACK, RedisNode, free_port
 
 KiB, MiB = 2**10, 2**20
