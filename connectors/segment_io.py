@@ -1,7 +1,7 @@
 """Worker side of segment reuse: per-token KV moves for any layout, and the re-rotation of loaded segments.
 
 Segments land at arbitrary positions, so their moves are per token, not per block. vLLM's CPU backend lays
-a block's bytes out privately per ISA (`connectors.cpu_blocks`): there, loads go through vLLM's own
+a block's bytes out privately per ISA (`connectors.cpu_block_probe`): there, loads go through vLLM's own
 `cpu_attn_reshape_and_cache` (what the backend itself writes new tokens with) and saves through the probed
 in-block layout; every other layout moves tokens with `scatter_kv` / `gather_kv`.
 """
@@ -10,7 +10,8 @@ import torch
 
 from kernels import gather_kv, rope_shift, scatter_kv
 
-from .cpu_blocks import attn_isa, gather_tokens, probe_block_layout, vllm_reshape_and_cache
+from .cpu_block_probe import attn_isa, probe_block_layout, vllm_reshape_and_cache
+from .cpu_blocks import gather_tokens
 from .segments import RopeParams
 
 

@@ -11,14 +11,10 @@ is checked, and the probe's generality is checked with fake ops that store block
 import pytest
 import torch
 
+from connectors import cpu_block_probe as probe
 from connectors import cpu_blocks as cb
-from connectors.cpu_blocks import (
-    BlockLayout,
-    BlockLayoutError,
-    gather_tokens,
-    probe_block_layout,
-    scatter_tokens,
-)
+from connectors.cpu_block_probe import BlockLayout, BlockLayoutError, probe_block_layout
+from connectors.cpu_blocks import gather_tokens, scatter_tokens
 from tests.helpers import assert_bytes_equal, assert_close
 
 ops = pytest.importorskip("vllm._custom_ops")  # installed here: these tests run
@@ -88,7 +84,7 @@ def _random_kv(n, h, d, dtype, seed=2):
 def test_isa_selected_here():
     """What this machine runs (x86 with AVX-512, no AMX): "vec", or "vec16" for 16-token blocks/odd dims."""
     for dtype in (torch.bfloat16, torch.float32):
-        assert cb.attn_isa(dtype, 128, 64) == _isa(dtype, 128, 64)
+        assert probe.attn_isa(dtype, 128, 64) == _isa(dtype, 128, 64)
         if not torch.cpu._is_amx_tile_supported() and cpu_attn.current_platform.get_cpu_architecture().name == "X86":
             assert _isa(dtype, 128, 128) == "vec"
             assert _isa(dtype, 16, 128) == "vec16"
@@ -179,7 +175,7 @@ def _vnni_pairs(kv, n, h, d, bs, dim):
 def test_probe_finds_a_packed_layout_and_gather_scatter_follow_it():
     bs, h, d, dtype = 16, 2, 8, torch.bfloat16
     write = _fake_from_map(_vnni_pairs)
-    layout = cb._probe("fake-amx", dtype, bs, h, d, write=write)
+    layout = probe._probe("fake-amx", dtype, bs, h, d, write=write)
     assert "packed" in layout.describe()
     raw, caches = _layers(dtype, bs, h, d)
     slots = _random_slots(23, bs)
@@ -194,7 +190,7 @@ def test_probe_finds_a_packed_layout_and_gather_scatter_follow_it():
 
 def test_probe_of_a_python_view_layout():
     write = _fake_from_map(lambda kv, n, h, d, bs, dim: h * bs * 2 * dim + kv * bs * dim + n * dim + d)
-    layout = cb._probe("fake-view", torch.float32, 16, 3, 8, write=write)
+    layout = probe._probe("fake-view", torch.float32, 16, 3, 8, write=write)
     assert layout.matches_python_view
     assert "K: [BS, D] (token-major) at offset 0" in layout.describe()
 
@@ -255,7 +251,7 @@ def _clobber_pair_partner(cache, slots):
 ], ids=lambda x: getattr(x, "__name__", "")[1:])
 def test_probe_refuses_ops_that_are_not_per_token_bijections(tamper, message):
     with pytest.raises(BlockLayoutError, match=message):
-        cb._probe("vec", torch.float32, 32, 2, 32, write=_real_then(tamper))
+        probe._probe("vec", torch.float32, 32, 2, 32, write=_real_then(tamper))
 
 
 # -- gather / scatter against vLLM's op -----------------------------------------------------------------------
