@@ -1,6 +1,8 @@
 """`python -m bench.kernels`: gather/scatter bandwidth beside a plain copy and a naive loop, same run.
 
-GB/s counts bytes read plus bytes written (2x the staging bytes). Baselines measured in the same run:
+GB/s counts bytes read plus bytes written (2x the staging bytes); before timing, each configuration's
+gather and scatter are checked against the torch reference (on a GPU: the Triton kernel against it).
+Baselines measured in the same run:
 - `copy`: the roofline for a byte mover. CPU: contiguous `copy_`s of the same number of bytes from the same
   cache tensors into the staging buffer (one slice per layer and K/V). CUDA: one device-to-device `copy_` of
   the same bytes (64 launches would measure launch gaps; L2 is flushed before every timed call);
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.common import Report, emit, measure_together
-from kernels import KVLayout, gather_kv, scatter_kv
+from kernels import KVLayout, gather_kv, gather_kv_ref, scatter_kv
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,20 @@ def _contiguous_runs(caches, staging):
             start = (flat.numel() // 2 + kv * n) % max(flat.numel() - n, 1)
             runs.append((flat[start:start + n].view(dst.shape), dst))
     return runs
+
+
+def _check_against_reference(caches, slots, layout, staging) -> None:
+    """Before timing: `staging` (from `gather_kv`: Triton on a GPU) equals the torch reference's gather, and
+    `scatter_kv` of changed values lands them (read back by the reference); then the caches are restored."""
+    ints = staging.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[staging.element_size()])
+    if not torch.equal(gather_kv_ref(caches, slots, layout).view(ints.dtype), ints):
+        raise AssertionError(f"{layout}: gather_kv differs from gather_kv_ref")
+    changed = (ints ^ 1).view(staging.dtype)  # every element changed, bit patterns only
+    scatter_kv(changed, caches, slots, layout)
+    landed = torch.equal(gather_kv_ref(caches, slots, layout).view(ints.dtype), changed.view(ints.dtype))
+    scatter_kv(staging, caches, slots, layout)
+    if not landed:
+        raise AssertionError(f"{layout}: scatter_kv did not write what gather_kv_ref reads back")
 
 
 def _naive_gather(caches, slots, layout, out):
@@ -138,6 +154,7 @@ def run(cfg: Config) -> Report:
             for order in cfg.orders:
                 slots = _slots(cfg, block_size, order, device)
                 staging = gather_kv(caches, slots, layout)
+                _check_against_reference(caches, slots, layout, staging)
                 moved = 2 * staging.numel() * staging.element_size()  # read + write
                 flat_src = torch.empty_like(staging)
                 runs = _contiguous_runs(caches, staging)
