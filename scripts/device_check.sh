@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine: the kernel tests on the device (no interpreter) and
-# `python -m bench.kernels`, everything under $OUT. Here first: `make device-prep`; then the device tool's
+# The one prepared run for a lent GPU machine: `python -m bench.kernels` and the kernel tests on the device
+# (no interpreter), everything under $OUT. Here first: `make device-prep`; then the device tool's
 # run with carry [".device"] and command `bash scripts/device_check.sh` (about 5 minutes; timeout_s 560).
 # That machine has its own torch and Triton (2.11 / 3.6 when this was written), pytest and hypothesis, and
 # no registry: zstandard and LMCache (the baseline) come as wheels from .device/wheels, the shared test data
@@ -14,5 +14,7 @@ export SHARED_DIR="$PWD/.device/shared" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
   torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/env.txt"
-timeout 330 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/pytest.txt" | tail -40
-timeout 180 python3 -m bench.kernels --output "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+# The figures first (each configuration is checked against the torch reference before it is timed), then
+# the kernel tests, whose Triton tests put their tensors on the GPU (tests/helpers.py DEVICE).
+timeout 200 python3 -m bench.kernels --output "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/pytest.txt" | tail -40

@@ -5,6 +5,9 @@ import os
 import torch
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Where the Triton kernels run in the tests: the GPU when there is one (scripts/device_check.sh), else the
+# CPU under Triton's interpreter. Tests of a kernel put its inputs here; CPU-only paths stay on the CPU.
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

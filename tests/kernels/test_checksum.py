@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import kernels.checksum as ck
 from kernels._env import use_triton
 from kernels.checksum import kv_checksum, kv_checksum_ref
+from tests.helpers import DEVICE
 
 M64 = (1 << 64) - 1
 
@@ -31,7 +32,7 @@ def _oracle(data: bytes) -> int:
 
 
 def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
 
 
 def _make(shape, dtype, seed=0):
@@ -62,7 +63,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape,dtype", CASES)
 def test_triton_matches_ref_and_oracle(shape, dtype):
-    t = _make(shape, dtype)
+    t = _make(shape, dtype).to(DEVICE)
     if not use_triton(t):
         pytest.skip("use_triton() is False (no CUDA nor TRITON_INTERPRET=1, or LMCACHE_KERNEL_BACKEND=torch)")
     got, ref = kv_checksum(t), kv_checksum_ref(t)
@@ -85,21 +86,21 @@ def test_ref_slabs_match_oracle(monkeypatch):
 
 
 def test_independent_of_tiling(monkeypatch):
-    t = _make((2, 2, 64, 2, 128), torch.bfloat16)
+    t = _make((2, 2, 64, 2, 128), torch.bfloat16).to(DEVICE)
     want = kv_checksum(t)
     monkeypatch.setattr(ck, "BLOCK_WORDS", 1024)
     assert kv_checksum(t) == want
 
 
 def test_non_contiguous_equals_contiguous_copy():
-    t = _make((2, 2, 16, 4, 32), torch.bfloat16)
+    t = _make((2, 2, 16, 4, 32), torch.bfloat16).to(DEVICE)
     view = t.transpose(2, 3)
     assert not view.is_contiguous()
     assert kv_checksum(view) == kv_checksum_ref(view) == kv_checksum(view.contiguous())
 
 
 def test_unaligned_byte_offset():
-    buf = _make((4 * 1000 + 3,), torch.uint8)
+    buf = _make((4 * 1000 + 3,), torch.uint8).to(DEVICE)
     view = buf[1:]  # starts 1 byte into the storage: cannot be read as int32 in place
     assert kv_checksum(view) == kv_checksum_ref(view) == _oracle(_bytes(view))
 
@@ -126,7 +127,7 @@ def test_single_bit_flip_changes_checksum(bit):
     base = kv_checksum_ref(_FLIP_BASE)
     flipped = _flipped(_FLIP_BASE, bit)
     assert kv_checksum_ref(flipped) != base
-    assert kv_checksum(flipped) == kv_checksum_ref(flipped)
+    assert kv_checksum(flipped.to(DEVICE)) == kv_checksum_ref(flipped)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

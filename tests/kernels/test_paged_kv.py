@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from kernels import KVLayout, KVLayoutError, gather_kv, gather_kv_ref, scatter_kv, scatter_kv_ref
 from kernels.layout import NAMED_LAYOUTS
 from kernels.paged_kv import gather_kv_triton, scatter_kv_triton
-from tests.helpers import as_bytes, assert_bytes_equal
+from tests.helpers import DEVICE, as_bytes, assert_bytes_equal
 
 LAYOUTS = sorted(NAMED_LAYOUTS)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8]
@@ -47,7 +47,7 @@ def gather_loop(caches, slots, layout):
     """The obvious per-token loop: the oracle for the vectorized reference."""
     layers = layer_views(caches, layout)
     KV, NB, BS, H, D = layers[0].shape
-    out = torch.zeros((len(layers), KV, len(slots), H, D), dtype=layers[0].dtype)
+    out = torch.zeros((len(layers), KV, len(slots), H, D), dtype=layers[0].dtype, device=layers[0].device)
     for l, layer in enumerate(layers):
         for n, s in enumerate(slots.tolist()):
             if s >= 0:
@@ -55,11 +55,11 @@ def gather_loop(caches, slots, layout):
     return out if layout.has_heads else out.squeeze(3)
 
 
-def random_slots(num_slots, n, pad_every=0, unique=True, dtype=torch.int64):
+def random_slots(num_slots, n, pad_every=0, unique=True, dtype=torch.int64, device="cpu"):
     slots = torch.randperm(num_slots)[:n] if unique else torch.randint(0, num_slots, (n,))
     if pad_every:
         slots[::pad_every] = -1
-    return slots.to(dtype)
+    return slots.to(dtype=dtype, device=device)
 
 
 def caches_bytes(caches):
@@ -87,8 +87,8 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_gather_matches_reference_every_dtype(name, dtype):
     layout = KVLayout.from_name(name)
-    caches = make_caches(layout, L=3, NB=6, BS=16, H=3, D=64, dtype=dtype)
-    slots = random_slots(6 * 16, 77, pad_every=5, unique=False)
+    caches = make_caches(layout, L=3, NB=6, BS=16, H=3, D=64, dtype=dtype, device=DEVICE)
+    slots = random_slots(6 * 16, 77, pad_every=5, unique=False, device=DEVICE)
     assert_bytes_equal(gather_kv_triton(caches, slots, layout), gather_kv_ref(caches, slots, layout), "gather")
 
 
@@ -101,12 +101,12 @@ SIZES.append(pytest.param(128, 3, 80, 5000, id="BS128-H3-D80-N5000"))
 def test_triton_matches_reference_odd_sizes(name, BS, H, D, N):
     layout = KVLayout.from_name(name)
     NB = -(-max(N, 2 * BS) // BS) + 1
-    caches = make_caches(layout, L=2, NB=NB, BS=BS, H=H, D=D, dtype=torch.bfloat16)
-    slots = random_slots(NB * BS, N, pad_every=11 if N > 1 else 0, dtype=torch.int32)
+    caches = make_caches(layout, L=2, NB=NB, BS=BS, H=H, D=D, dtype=torch.bfloat16, device=DEVICE)
+    slots = random_slots(NB * BS, N, pad_every=11 if N > 1 else 0, dtype=torch.int32, device=DEVICE)
     staging = gather_kv_triton(caches, slots, layout)
     assert_bytes_equal(staging, gather_kv_ref(caches, slots, layout), "gather")
-    dst_triton = make_caches(layout, L=2, NB=NB, BS=BS, H=H, D=D, dtype=torch.bfloat16, fill=0xFF)
-    dst_ref = make_caches(layout, L=2, NB=NB, BS=BS, H=H, D=D, dtype=torch.bfloat16, fill=0xFF)
+    dst_triton = make_caches(layout, L=2, NB=NB, BS=BS, H=H, D=D, dtype=torch.bfloat16, device=DEVICE, fill=0xFF)
+    dst_ref = make_caches(layout, L=2, NB=NB, BS=BS, H=H, D=D, dtype=torch.bfloat16, device=DEVICE, fill=0xFF)
     scatter_kv_triton(staging, dst_triton, slots, layout)
     scatter_kv_ref(staging, dst_ref, slots, layout)
     for a, b in zip(caches_bytes(dst_triton), caches_bytes(dst_ref)):
@@ -119,16 +119,16 @@ def test_round_trip_into_poisoned_cache_touches_only_mapped_slots(name, impl):
     gather, scatter = (gather_kv_triton, scatter_kv_triton) if impl == "triton" else (gather_kv_ref, scatter_kv_ref)
     layout = KVLayout.from_name(name)
     L, NB, BS, H, D = 2, 7, 16, 3, 64
-    src = make_caches(layout, L, NB, BS, H, D, torch.bfloat16)
-    slots = random_slots(NB * BS, 60, pad_every=9)
+    src = make_caches(layout, L, NB, BS, H, D, torch.bfloat16, device=DEVICE)
+    slots = random_slots(NB * BS, 60, pad_every=9, device=DEVICE)
     staging = gather(src, slots, layout)
-    poison = make_caches(layout, L, NB, BS, H, D, torch.bfloat16, fill=0xFF)  # 0xFFFF: a NaN payload
+    poison = make_caches(layout, L, NB, BS, H, D, torch.bfloat16, device=DEVICE, fill=0xFF)  # 0xFFFF: a NaN payload
     scatter(staging, poison, slots, layout)
 
     real = slots[slots >= 0].tolist()
     for l, (got, want) in enumerate(zip(layer_views(poison, layout), layer_views(src, layout))):
         got, want = as_bytes(got), as_bytes(want)
-        written = torch.zeros(NB, BS, dtype=torch.bool)
+        written = torch.zeros(NB, BS, dtype=torch.bool, device=got.device)
         for s in real:
             written[s // BS, s % BS] = True
         assert torch.equal(got[:, written], want[:, written]), f"layer {l}: mapped slots differ from the source"
@@ -150,16 +150,17 @@ def test_random_slot_mappings(name, BS, H, D, data):
     NB = data.draw(st.integers(1, 4), label="NB")
     L = data.draw(st.integers(1, 3), label="L")
     slot = st.integers(-1, NB * BS - 1)
-    slots = torch.tensor(data.draw(st.lists(slot, min_size=1, max_size=200), label="slots"), dtype=torch.int64)
-    caches = make_caches(layout, L, NB, BS, H, D, torch.float16)
+    slots = torch.tensor(data.draw(st.lists(slot, min_size=1, max_size=200), label="slots"), dtype=torch.int64,
+                         device=DEVICE)
+    caches = make_caches(layout, L, NB, BS, H, D, torch.float16, device=DEVICE)
     staging = gather_kv_triton(caches, slots, layout)
     assert_bytes_equal(staging, gather_kv_ref(caches, slots, layout), "gather triton vs ref")
     assert_bytes_equal(staging, gather_loop(caches, slots, layout), "gather vs per-token loop")
 
-    unique = torch.tensor(list(dict.fromkeys(slots.tolist())), dtype=torch.int64)  # scatter: each slot once
+    unique = torch.tensor(list(dict.fromkeys(slots.tolist())), dtype=torch.int64, device=DEVICE)  # each slot once
     staging = gather_kv_ref(caches, unique, layout)
-    dst_a = make_caches(layout, L, NB, BS, H, D, torch.float16, fill=0xAB)
-    dst_b = make_caches(layout, L, NB, BS, H, D, torch.float16, fill=0xAB)
+    dst_a = make_caches(layout, L, NB, BS, H, D, torch.float16, device=DEVICE, fill=0xAB)
+    dst_b = make_caches(layout, L, NB, BS, H, D, torch.float16, device=DEVICE, fill=0xAB)
     scatter_kv_triton(staging, dst_a, unique, layout)
     scatter_kv_ref(staging, dst_b, unique, layout)
     for a, b in zip(caches_bytes(dst_a), caches_bytes(dst_b)):
@@ -220,17 +221,17 @@ def test_free_form_layouts(spec, impl):
     """parse() accepts any order, including D not innermost (the reference falls back to element rows)."""
     gather = gather_kv_triton if impl == "triton" else gather_kv_ref
     layout = KVLayout.parse(spec)
-    caches = make_caches(layout, L=2, NB=4, BS=16, H=3, D=64, dtype=torch.bfloat16)
-    slots = random_slots(64, 40, pad_every=6, unique=False)
+    caches = make_caches(layout, L=2, NB=4, BS=16, H=3, D=64, dtype=torch.bfloat16, device=DEVICE)
+    slots = random_slots(64, 40, pad_every=6, unique=False, device=DEVICE)
     assert_bytes_equal(gather(caches, slots, layout), gather_loop(caches, slots, layout), spec)
 
 
 def test_layers_as_views_of_one_buffer_in_any_order():
     """vLLM allocates layers as views into one buffer; their order in memory need not be the layer order."""
     layout = KVLayout.from_name("flash_attn")
-    buf = torch.randn(4, 2, 6, 16, 3, 64).to(torch.bfloat16)
+    buf = torch.randn(4, 2, 6, 16, 3, 64, device=DEVICE).to(torch.bfloat16)
     caches = [buf[3], buf[0], buf[2], buf[1]]  # negative offsets from layer 0
-    slots = random_slots(96, 50, pad_every=4)
+    slots = random_slots(96, 50, pad_every=4, device=DEVICE)
     expected = gather_loop(caches, slots, layout)
     assert_bytes_equal(gather_kv_triton(caches, slots, layout), expected, "triton")
     assert_bytes_equal(gather_kv_ref(caches, slots, layout), expected, "torch")

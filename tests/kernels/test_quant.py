@@ -86,8 +86,8 @@ def test_triton_matches_reference(shape, dtype, codec, device):
 
 
 @pytest.mark.parametrize("codec", CODECS)
-def test_non_contiguous_staging(codec):
-    x = kv_like((2, 7, 2, 3, 80), torch.bfloat16).transpose(1, 2)[..., 8:72]  # [L, KV, N, H, D=64], strided
+def test_non_contiguous_staging(codec, device):
+    x = kv_like((2, 7, 2, 3, 80), torch.bfloat16).to(device).transpose(1, 2)[..., 8:72]  # [L, KV, N, H, D=64]
     assert not x.is_contiguous()
     assert_quantized_equal(quantize_kv(x, codec), quantize_kv_ref(x.contiguous(), codec), f"strided {codec}")
 
@@ -156,8 +156,8 @@ def test_error_targets_on_real_kv(device):
         assert_quantized_equal(quantize_kv(part, codec), quantize_kv_ref(part, codec), f"real KV {codec}")
 
 
-def test_zero_and_constant_groups():
-    x = torch.zeros((1, 2, 40, 2, 64), dtype=torch.bfloat16)
+def test_zero_and_constant_groups(device):
+    x = torch.zeros((1, 2, 40, 2, 64), dtype=torch.bfloat16, device=device)
     x[:, :, :, 1] = 3.0
     for codec in CODECS:
         for fn in (quantize_kv, quantize_kv_ref):

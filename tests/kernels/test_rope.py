@@ -1,4 +1,5 @@
-"""kernels.rope: RoPE re-positioning of cached K (Triton under the interpreter vs the torch reference).
+"""kernels.rope: RoPE re-positioning of cached K (Triton on the GPU, or under the interpreter, vs the torch
+reference).
 
 Error model used by every tolerance here. u is the dtype's unit roundoff (half an ulp, relative), rho the
 norm of the (a, b) pair an element belongs to (a rotation keeps it). Rounding a pair to the dtype moves it
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from kernels.rope import rope_inv_freq, rope_shift, rope_shift_ref
-from tests.helpers import assert_bytes_equal
+from tests.helpers import DEVICE, assert_bytes_equal
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 FP32_SLACK = 2e-6
@@ -43,7 +44,7 @@ def _rope_forward(x, pos, inv_freq, rotary_dim, is_neox):
 
 def _pair_norm(x: torch.Tensor, rotary_dim: int, is_neox: bool) -> torch.Tensor:
     """rho for every element of the rotary channels, laid out like x[..., :rotary_dim]."""
-    a, b = _pairs(x.to(torch.float64), rotary_dim, is_neox)
+    a, b = _pairs(x.to("cpu", torch.float64), rotary_dim, is_neox)
     rho = torch.empty(x.shape[:-1] + (rotary_dim,), dtype=torch.float64)
     ra, rb = _pairs(rho, rotary_dim, is_neox)
     ra.copy_(torch.hypot(a, b))
@@ -52,6 +53,7 @@ def _pair_norm(x: torch.Tensor, rotary_dim: int, is_neox: bool) -> torch.Tensor:
 
 
 def _assert_within(actual, expected, bound, what):
+    actual, expected, bound = actual.cpu(), expected.cpu(), bound.cpu()
     err = (actual.to(torch.float64) - expected.to(torch.float64)).abs()
     bad = (err > bound) | err.isnan()
     if bad.any():
@@ -66,7 +68,7 @@ def _k_half(t: torch.Tensor) -> torch.Tensor:
 
 def _make(layout, n, d, dtype, layers=2, heads=2):
     shape = (layers, 2, n, heads, d) if layout == "staging" else (n, heads, d)
-    return torch.randn(shape).to(dtype)
+    return torch.randn(shape).to(device=DEVICE, dtype=dtype)
 
 
 def _grid():
@@ -121,7 +123,7 @@ def test_matches_rope_at_to_pos(backend, dtype, is_neox, rotary_dim, scaling):
     from_pos = torch.cat([torch.tensor([0, 139_999]), torch.randint(0, 140_000, (n - 2,))])
     to_pos = torch.cat([torch.tensor([139_999, 0]), torch.randint(0, 140_000, (n - 2,))])
     inv_freq = rope_inv_freq(rotary_dim, theta, scaling)
-    k = _rope_forward(x, from_pos, inv_freq, rotary_dim, is_neox).to(dtype)
+    k = _rope_forward(x, from_pos, inv_freq, rotary_dim, is_neox).to(device=DEVICE, dtype=dtype)
     shift = rope_shift if backend == "triton" else rope_shift_ref
     shift(k, from_pos, to_pos, theta, rotary_dim, is_neox, rope_scaling=scaling)
     exact = _rope_forward(x, to_pos, inv_freq, rotary_dim, is_neox)
@@ -137,8 +139,8 @@ def test_matches_rope_at_to_pos(backend, dtype, is_neox, rotary_dim, scaling):
 def test_strided_k_outside_view_untouched(shift):
     # K [N, H, D] as every other token of a wider buffer, channel-padded: the skipped tokens and the pad
     # channels are poisoned with NaN and must come back bit for bit.
-    buf = torch.full((2 * 70, 2, 160), float("nan"), dtype=torch.bfloat16)
-    buf[::2, :, :128] = torch.randn(70, 2, 128).to(torch.bfloat16)
+    buf = torch.full((2 * 70, 2, 160), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    buf[::2, :, :128] = torch.randn(70, 2, 128).to(device=DEVICE, dtype=torch.bfloat16)
     before = buf.clone()
     k = buf[::2, :, :128]
     shift(k, 5, 900, rotary_dim=64, is_neox=False)
