@@ -17,4 +17,6 @@ unset TRITON_INTERPRET
 # The figures first (each configuration is checked against the torch reference before it is timed), then
 # the kernel tests, whose Triton tests put their tensors on the GPU (tests/helpers.py DEVICE).
 timeout 200 python3 -m bench.kernels --output "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/pytest.txt" | tail -40
+# Triton compiles a kernel per constexpr combination: 8 workers share that (pytest-xdist is on that machine).
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 300 python3 -m pytest -q -p no:cacheprovider $workers tests/kernels 2>&1 | tee "$OUT/pytest.txt" | tail -40
