@@ -328,6 +328,7 @@ def plot(rows: list[dict], path: str, title: str) -> str:
     if others:
         fig.text(0.01, 0.01, "not measured: " + ", ".join(others), fontsize=7)
     fig.tight_layout(rect=(0, 0.04 if others else 0, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # `make demo` on a fresh clone: no results/
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot: {path}"

@@ -201,7 +201,8 @@ def test_cli_smoke_every_scenario(smollm2, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "TRITON_INTERPRET", "VLLM_"))}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "bench.ttft", "--model", smollm2, "--num-docs", "1", "--doc-tokens", "384",
-           "--questions", "2", "--chunk-size", "128", "--scenarios", ",".join(SCENARIOS), "--output", str(out)]
+           "--questions", "2", "--chunk-size", "128", "--scenarios", ",".join(SCENARIOS), "--output", str(out),
+           "--plot", str(tmp_path / "not-yet" / "ttft.png")]  # as `make demo` on a fresh clone: no results/ yet
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -225,6 +226,7 @@ def test_cli_smoke_every_scenario(smollm2, tmp_path):
     assert rows["ours-L4"]["status"] == "skipped" and "--remote-url" in rows["ours-L4"]["reason"]
     assert rows["lmcache"]["status"] == "skipped" or rows["lmcache"]["requests"] == 2
     assert "recompute" in proc.stdout and "ours-L3" in proc.stdout  # the printed table
+    assert (tmp_path / "not-yet" / "ttft.png").stat().st_size > 0
 
 
 def _segment_settings_refused() -> str | None:
