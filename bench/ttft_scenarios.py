@@ -484,7 +484,8 @@ def lmcache(ctx: Context) -> Result:
 
     name = "lmcache"
     if importlib.util.find_spec("lmcache") is None:
-        return skipped(name, "lmcache is not installed (pip install lmcache: CUDA only, not on this CPU machine)")
+        return skipped(name, "lmcache is not installed (its vLLM connector needs a GPU: LMCache 0.5.6 installed "
+                             "here stops with 'No supported cpu connector found' on vLLM's CPU backend)")
     res = Result(name, notes=["LMCache with its default settings"])
     kv = KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both")
     return _guarded(ctx, res, lambda: _warm_then_measure(ctx, res, ctx.workload.warmup, fresh=True, kv=kv))
