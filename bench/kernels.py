@@ -73,15 +73,19 @@ def _contiguous_runs(caches, staging):
     return runs
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s elements as same-size integers: compared as bit patterns (NaN payloads included)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def _check_against_reference(caches, slots, layout, staging) -> None:
     """Before timing: `staging` (from `gather_kv`: Triton on a GPU) equals the torch reference's gather, and
     `scatter_kv` of changed values lands them (read back by the reference); then the caches are restored."""
-    ints = staging.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[staging.element_size()])
-    if not torch.equal(gather_kv_ref(caches, slots, layout).view(ints.dtype), ints):
+    if not torch.equal(_bits(gather_kv_ref(caches, slots, layout)), _bits(staging)):
         raise AssertionError(f"{layout}: gather_kv differs from gather_kv_ref")
-    changed = (ints ^ 1).view(staging.dtype)  # every element changed, bit patterns only
+    changed = (_bits(staging) ^ 1).view(staging.dtype)  # every element changed, bit patterns only
     scatter_kv(changed, caches, slots, layout)
-    landed = torch.equal(gather_kv_ref(caches, slots, layout).view(ints.dtype), changed.view(ints.dtype))
+    landed = torch.equal(_bits(gather_kv_ref(caches, slots, layout)), _bits(changed))
     scatter_kv(staging, caches, slots, layout)
     if not landed:
         raise AssertionError(f"{layout}: scatter_kv did not write what gather_kv_ref reads back")
@@ -135,7 +139,7 @@ def _lmcache_fns(name: str, caches, slots, staging) -> tuple[dict, str | None]:
     except NotImplementedError as e:
         return {}, f"lmcache cannot move {name} here ({e})"
     ours = staging.permute(1, 0, 2, 3, 4).reshape(theirs.shape)
-    if not torch.equal(theirs.view(torch.int16), ours.view(torch.int16)):
+    if not torch.equal(_bits(theirs), _bits(ours)):
         raise AssertionError(f"lmcache's gather of {name} differs from ours: the baseline moves other bytes")
     return {"lmcache_gather": lambda: run(TransferDirection.D2H),
             "lmcache_scatter": lambda: run(TransferDirection.H2D)}, None
