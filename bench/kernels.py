@@ -22,6 +22,7 @@ import torch
 
 from bench.common import Report, emit, measure_together
 from kernels import KVLayout, gather_kv, gather_kv_ref, scatter_kv
+from kernels.paged import _INT_OF_SIZE
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _contiguous_runs(caches, staging):
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """`t`'s elements as same-size integers: compared as bit patterns (NaN payloads included)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+    return t.view(_INT_OF_SIZE[t.element_size()])
 
 
 def _check_against_reference(caches, slots, layout, staging) -> None:
@@ -111,7 +112,7 @@ _LMCACHE_FORMATS = {"flash_attn": "NL_X_TWO_NB_BS_NH_HS", "flashinfer": "NL_X_NB
                     "flash_attn_hnd": "NL_X_TWO_NB_NH_BS_HS"}
 
 
-def _lmcache_fns(name: str, caches, slots, staging) -> tuple[dict, str | None]:
+def _lmcache_fns(name: str, block_size: int, caches, slots, staging) -> tuple[dict, str | None]:
     """LMCache's gather and scatter of the same slots ({} and why not, where it cannot run). LMCache's
     staging is [2, L, N, H*D]; its gather is checked byte for byte against ours before it is timed."""
     try:
@@ -128,7 +129,6 @@ def _lmcache_fns(name: str, caches, slots, staging) -> tuple[dict, str | None]:
     layers, num_kv, tokens, heads, head_dim = staging.shape
     theirs = torch.zeros(num_kv, layers, tokens, heads * head_dim, dtype=staging.dtype, device=device)
     slots_per_layer = caches[0].numel() // (num_kv * heads * head_dim)
-    block_size = KVLayout.from_name(name).canonical(caches[0]).shape[2]
 
     def run(direction):
         transfer(theirs, ptrs, slots, device, slots_per_layer, direction, fmt, block_size=block_size,
@@ -162,7 +162,7 @@ def run(cfg: Config) -> Report:
                 moved = 2 * staging.numel() * staging.element_size()  # read + write
                 flat_src = torch.empty_like(staging)
                 runs = _contiguous_runs(caches, staging)
-                lmcache, why = _lmcache_fns(name, caches, slots, staging)
+                lmcache, why = _lmcache_fns(name, block_size, caches, slots, staging)
                 if why and why not in lmcache_skipped:
                     lmcache_skipped.append(why)
                 copy = ((lambda: staging.copy_(flat_src)) if device.type == "cuda"

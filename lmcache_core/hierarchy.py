@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 PREFETCH_GROUP = 4
 
 
+def _groups(keys: Sequence[ChunkKey]) -> list[Sequence[ChunkKey]]:
+    return [keys[i:i + PREFETCH_GROUP] for i in range(0, len(keys), PREFETCH_GROUP)]
+
+
 class TierStack:
     def __init__(self, memory: Sequence[MemoryTier], byte_tiers: Sequence[Tier], *, codec_name: str,
                  level: int, write_policy: str, secret: bytes | None, device: torch.device,
@@ -181,8 +185,8 @@ class TierStack:
     def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
         """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""
         located = [key for key, t in zip(keys, self.locate(keys)) if t is not None and t >= len(self.memory)]
-        for i in range(0, len(located), PREFETCH_GROUP):
-            self._prefetch_group(located[i:i + PREFETCH_GROUP])
+        for group in _groups(located):
+            self._prefetch_group(group)
 
     # -- prefetch ---------------------------------------------------------------------------------------
 
@@ -194,8 +198,7 @@ class TierStack:
         started = []
         with self._lock:
             todo = [key for key, t in zip(keys, where) if t >= len(self.memory) and key not in self._prefetching]
-            for i in range(0, len(todo), PREFETCH_GROUP):
-                group = todo[i:i + PREFETCH_GROUP]
+            for group in _groups(todo):
                 future = self._fetcher.submit(self._prefetch_group, group)
                 self._prefetching.update((key, future) for key in group)
                 started.append((future, group))

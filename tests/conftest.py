@@ -15,6 +15,8 @@ import random
 import numpy as np
 import pytest
 
+from tests.helpers import DEVICE
+
 
 @pytest.fixture(autouse=True)
 def _seed_rngs():
@@ -26,4 +28,4 @@ def _seed_rngs():
 
 @pytest.fixture
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return DEVICE

@@ -1,4 +1,4 @@
-"""RedisTier's pipelines on redis-py connections, with a lean RESP2 reply reader.
+"""RedisTier's pipelines on redis-py connections, with a lean RESP2/RESP3 reply reader.
 
 redis-py's reader feeds every 64 KiB socket read to hiredis and asks it for a reply each time; for a large
 value hiredis looks again at everything buffered so far, so reading a multi-megabyte value costs time

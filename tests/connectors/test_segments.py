@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from connectors.segments import (
-    SegmentChunk, SegmentError, check_segments, leading_run, parse_separator, segment_chunks, separator_ends, split_at_separator,
+    SegmentChunk, SegmentError, check_segments, leading_run, parse_separator, segment_chunks, separator_ends,
+    split_at_separator,
 )
 from kernels import chunk_hashes
 from kernels.rope import rope_shift_ref
