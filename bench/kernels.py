@@ -22,7 +22,7 @@ import torch
 
 from bench.common import Report, emit, measure_together
 from kernels import KVLayout, gather_kv, gather_kv_ref, scatter_kv
-from kernels.paged import _INT_OF_SIZE
+from kernels.bits import as_int_bits
 
 
 @dataclass(frozen=True)
@@ -74,19 +74,14 @@ def _contiguous_runs(caches, staging):
     return runs
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """`t`'s elements as same-size integers: compared as bit patterns (NaN payloads included)."""
-    return t.view(_INT_OF_SIZE[t.element_size()])
-
-
 def _check_against_reference(caches, slots, layout, staging) -> None:
     """Before timing: `staging` (from `gather_kv`: Triton on a GPU) equals the torch reference's gather, and
     `scatter_kv` of changed values lands them (read back by the reference); then the caches are restored."""
-    if not torch.equal(_bits(gather_kv_ref(caches, slots, layout)), _bits(staging)):
+    if not torch.equal(as_int_bits(gather_kv_ref(caches, slots, layout)), as_int_bits(staging)):
         raise AssertionError(f"{layout}: gather_kv differs from gather_kv_ref")
-    changed = (_bits(staging) ^ 1).view(staging.dtype)  # every element changed, bit patterns only
+    changed = (as_int_bits(staging) ^ 1).view(staging.dtype)  # every element changed, bit patterns only
     scatter_kv(changed, caches, slots, layout)
-    landed = torch.equal(_bits(gather_kv_ref(caches, slots, layout)), _bits(changed))
+    landed = torch.equal(as_int_bits(gather_kv_ref(caches, slots, layout)), as_int_bits(changed))
     scatter_kv(staging, caches, slots, layout)
     if not landed:
         raise AssertionError(f"{layout}: scatter_kv did not write what gather_kv_ref reads back")
@@ -139,7 +134,7 @@ def _lmcache_fns(name: str, block_size: int, caches, slots, staging) -> tuple[di
     except NotImplementedError as e:
         return {}, f"lmcache cannot move {name} here ({e})"
     ours = staging.permute(1, 0, 2, 3, 4).reshape(theirs.shape)
-    if not torch.equal(_bits(theirs), _bits(ours)):
+    if not torch.equal(as_int_bits(theirs), as_int_bits(ours)):
         raise AssertionError(f"lmcache's gather of {name} differs from ours: the baseline moves other bytes")
     return {"lmcache_gather": lambda: run(TransferDirection.D2H),
             "lmcache_scatter": lambda: run(TransferDirection.H2D)}, None

@@ -11,11 +11,11 @@ from functools import lru_cache
 
 import torch
 
+from .bits import as_int_bits
 from .layout import KVLayout
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
                     torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def resolve_paged(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: KVLa
         layers = tuple(whole.unbind(0))
         first = layers[0]
         _check_dtype(first)
-        ints = tuple(t.view(_INT_OF_SIZE[t.element_size()]) for t in layers)
+        ints = tuple(as_int_bits(t) for t in layers)
     else:
         if isinstance(kv_caches, torch.Tensor) or not isinstance(kv_caches, Sequence) or not kv_caches:
             raise TypeError(f"kv_caches: layout {layout} has no L dim, so expected a non-empty sequence of "
@@ -94,9 +94,8 @@ def resolve_paged(kv_caches: torch.Tensor | Sequence[torch.Tensor], layout: KVLa
                 _raise_layer_mismatch(i, t, raw)
         # Every layer has layer 0's geometry, so its canonical view is layer 0's sizes and strides at its own
         # storage offset (one call per layer instead of `canonical`'s dozen: this runs on every transfer).
-        int_dtype = _INT_OF_SIZE[first.element_size()]
         size, stride = first.shape, first.stride()
-        ints = tuple(t.view(int_dtype).as_strided(size, stride) for t in kv_caches)
+        ints = tuple(as_int_bits(t).as_strided(size, stride) for t in kv_caches)
     num_kv, num_blocks, block_size, num_heads, head_dim = first.shape
     s_kv, s_block, s_slot, s_head, s_dim = first.stride()
     offsets, offsets_gcd = _layer_offsets(tuple(t.data_ptr() for t in ints), first.element_size(), first.device)

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ._env import interpret_enabled, use_triton
-from .paged import _INT_OF_SIZE, PagedKV, _check_slots, _check_staging, resolve_paged
+from .bits import as_int_bits
+from .paged import PagedKV, _check_slots, _check_staging, resolve_paged
 
 # GPU tiles: 8K elements (16 KB of bf16) per program, 4 warps; a starting point, not yet swept on a GPU.
 _GPU_TILE_ELEMS = 8192
@@ -174,8 +175,7 @@ def _block_runs(pk: PagedKV, blocks: torch.Tensor) -> list[tuple[int, int, int]]
 
 def _run_views(pk: PagedKV, staging: torch.Tensor, runs):
     """(cache view, staging view) pairs, both [KV, n, BS, H, D], for every layer and run."""
-    stage = staging.view(_INT_OF_SIZE[staging.element_size()]).view(
-        pk.num_layers, pk.num_kv, -1, pk.block_size, pk.num_heads, pk.head_dim)
+    stage = as_int_bits(staging).view(pk.num_layers, pk.num_kv, -1, pk.block_size, pk.num_heads, pk.head_dim)
     for layer, dst in zip(pk.layers, stage):
         for block, count, token in runs:
             yield layer[:, block:block + count], dst[:, token // pk.block_size:token // pk.block_size + count]
@@ -222,7 +222,7 @@ def _gather_torch(pk: PagedKV, slots: torch.Tensor, out: torch.Tensor) -> None:
         width = _row_width(pk)
         pad = slots < 0
         index = _row_index(pk, slots.clamp(min=0), width)
-    out_ints = out.view(_INT_OF_SIZE[out.element_size()])
+    out_ints = as_int_bits(out)
     for rows, dst in zip(_row_views(pk, width), out_ints.view(pk.num_layers, -1, width)):
         torch.index_select(rows, 0, index, out=dst.view(rows.dtype))
     if pad is not None and pad.any():
@@ -233,7 +233,7 @@ def _scatter_torch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor) -> N
     runs, index, width = _block_plan(pk, slots)
     if runs is not None:
         return _copy_runs(pk, staging, runs, to_staging=False)
-    src = staging.view(_INT_OF_SIZE[staging.element_size()])
+    src = as_int_bits(staging)
     if index is None:
         width = _row_width(pk)
         keep = slots >= 0

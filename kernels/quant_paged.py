@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from ._env import use_triton
-from .paged import _INT_OF_SIZE, PagedKV, _check_slots, resolve_paged
+from .bits import as_int_bits
+from .paged import PagedKV, _check_slots, resolve_paged
 from .paged_kv import gather_kv_ref, scatter_kv_ref
 from .quant import (_CODEC_ID, _QMAX, FLOAT_DTYPES, QuantizedKV, dequantize_kv_ref, empty_quantized, make_meta,
                     quantize_kv_ref)
@@ -230,7 +231,7 @@ def _launch(kernel, q: QuantizedKV, kv_view: torch.Tensor | None, paged: tuple[P
         offsets, block_size = pk.layer_offsets, pk.block_size
         strides = (0, pk.stride_kv, pk.stride_block, pk.stride_slot, pk.stride_head, pk.stride_dim)
     else:
-        src = kv_view.view(_INT_OF_SIZE[kv_view.element_size()])
+        src = as_int_bits(kv_view)
         slots, offsets, block_size = src, src, 1  # unused when not PAGED
         st = kv_view.stride()
         strides = (st[0], st[1], 0, st[2], st[3], st[4])

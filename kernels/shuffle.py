@@ -22,12 +22,12 @@ import triton
 import triton.language as tl
 
 from ._env import interpret_enabled, use_triton
+from .bits import INT_OF_SIZE, as_int_bits
 
 # GPU: 4K elements per program (8 KB of bf16 in, as many bytes out); not yet swept on a GPU.
 _GPU_BLOCK = 4096
 # Interpreter: ~0.7 ms of Python per program whatever its size, so few large ones.
 _INTERP_BLOCK = 1 << 16
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _shuffle_bytes_kernel(values_ptr, planes_ptr, numel, NUM_BYTES: tl.constexpr
 
 def _check_dtype(dtype: torch.dtype, name: str) -> int:
     size = torch.empty((), dtype=dtype).element_size()
-    if size not in _INT_OF_SIZE:
+    if size not in INT_OF_SIZE:
         raise TypeError(f"{name}: expected a 1-, 2- or 4-byte dtype (bf16, fp16, fp32, fp8, ...), got {dtype}")
     return size
 
@@ -156,7 +156,7 @@ def shuffle_bytes(x: torch.Tensor) -> torch.Tensor:
     size = _check_dtype(x.dtype, "x")
     if x.numel() == 0 or not use_triton(x):
         return shuffle_bytes_ref(x)
-    values = x.contiguous().view(_INT_OF_SIZE[size]).reshape(-1)
+    values = as_int_bits(x.contiguous()).reshape(-1)
     planes = torch.empty((size, x.numel()), dtype=torch.uint8, device=x.device)
     _launch(values, planes, to_planes=True)
     return planes
@@ -170,7 +170,7 @@ def unshuffle_bytes(planes: torch.Tensor, dtype: torch.dtype, shape, *,
     if planes.numel() == 0 or not use_triton(planes):
         return unshuffle_bytes_ref(planes, dtype, shape, out=out)
     values = _output(out, tuple(shape), dtype, planes.device, "out")
-    _launch(values.view(-1).view(_INT_OF_SIZE[size]), planes.contiguous(), to_planes=False)
+    _launch(as_int_bits(values.view(-1)), planes.contiguous(), to_planes=False)
     return values
 
 
