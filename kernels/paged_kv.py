@@ -1,11 +1,12 @@
-"""Gather KV of arbitrary token slots from paged caches into one contiguous staging tensor, and back.
+"""Paged transfer: gather the KV of arbitrary token slots from paged caches into one contiguous staging
+tensor, and scatter it back.
 
 Dims: L layers, N tokens, NB paged blocks, BS block size, H kv heads, D head dim, KV = 2 (K, V) or 1 (MLA).
 Staging is `[L, KV, N, H, D]` (`[L, 1, N, D]` for MLA) in the cache dtype. `slot_mapping[n]` is the slot
 (`block_id * BS + offset`) of token n; -1 is vLLM's padding: gather writes zeros, scatter skips it.
 Bytes move as same-size integers, so every dtype (float8 included) is copied exactly, NaN payloads too.
+Where each element lives (`PagedKV`, `resolve_paged`, the slot checks): kernels/paged_addressing.py.
 """
-
 
 import torch
 import triton
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from ._env import interpret_enabled, use_triton
 from .bits import as_int_bits
-from .paged import PagedKV, _check_slots, _check_staging, resolve_paged
+from .paged_addressing import PagedKV, check_slots, check_staging, resolve_paged
 
 # GPU tiles: 8K elements (16 KB of bf16) per program, 4 warps; a starting point, not yet swept on a GPU.
 _GPU_TILE_ELEMS = 8192
@@ -279,12 +280,12 @@ def _launch(pk: PagedKV, slots: torch.Tensor, staging: torch.Tensor, to_staging:
 
 def _gather(kv_caches, slot_mapping, layout, out, validate, backend=None):
     pk = resolve_paged(kv_caches, layout)
-    _check_slots(slot_mapping, pk, unique=False, validate=validate)
+    check_slots(slot_mapping, pk, unique=False, validate=validate)
     num_tokens = slot_mapping.numel()
     if out is None:
         out = torch.empty(pk.staging_shape(num_tokens), dtype=pk.dtype, device=pk.base.device)
     else:
-        _check_staging(out, pk, num_tokens, "out")
+        check_staging(out, pk, num_tokens, "out")
     if num_tokens == 0:
         return out
     if use_triton(pk.base, backend):
@@ -296,8 +297,8 @@ def _gather(kv_caches, slot_mapping, layout, out, validate, backend=None):
 
 def _scatter(staging, kv_caches, slot_mapping, layout, validate, backend=None):
     pk = resolve_paged(kv_caches, layout)
-    _check_slots(slot_mapping, pk, unique=True, validate=validate)
-    _check_staging(staging, pk, slot_mapping.numel(), "staging")
+    check_slots(slot_mapping, pk, unique=True, validate=validate)
+    check_staging(staging, pk, slot_mapping.numel(), "staging")
     if slot_mapping.numel() == 0:
         return
     staging = staging.contiguous()

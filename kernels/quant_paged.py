@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._env import use_triton
 from .bits import as_int_bits
-from .paged import PagedKV, _check_slots, resolve_paged
+from .paged_addressing import PagedKV, check_slots, resolve_paged
 from .paged_kv import gather_kv_ref, scatter_kv_ref
 from .quant import (_CODEC_ID, _QMAX, FLOAT_DTYPES, QuantizedKV, dequantize_kv_ref, empty_quantized, make_meta,
                     quantize_kv_ref)
@@ -267,7 +267,7 @@ def _resolve(kv_caches, slot_mapping, layout, unique: bool, validate: bool) -> P
     pk = resolve_paged(kv_caches, layout)
     if pk.dtype not in FLOAT_DTYPES:
         raise TypeError(f"kv_caches: quantized transfer needs a bfloat16, float16 or float32 cache, got {pk.dtype}")
-    _check_slots(slot_mapping, pk, unique=unique, validate=validate)
+    check_slots(slot_mapping, pk, unique=unique, validate=validate)
     return pk
 
 

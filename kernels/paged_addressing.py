@@ -1,5 +1,6 @@
-"""Where every element of a paged KV cache lives, for any layout: validation and addressing shared by
-the transfer kernels (`paged_kv`) and the fused codecs (`quant_paged`).
+"""Paged-cache addressing: where every element of a paged KV cache lives, for any layout, and the checks
+of slot mappings and staging tensors against it; shared by the transfer (`paged_kv`: gather_kv / scatter_kv)
+and the fused codecs (`quant_paged`).
 
 Dims: L layers, KV = 2 (K, V) or 1 (MLA), NB paged blocks, BS block size, H kv heads, D head dim, N tokens.
 """
@@ -116,7 +117,7 @@ def _check_dtype(first: torch.Tensor) -> None:
         raise TypeError(f"kv_caches: dtype {first.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
 
 
-def _check_slots(slot_mapping: torch.Tensor, pk: PagedKV, *, unique: bool, validate: bool) -> None:
+def check_slots(slot_mapping: torch.Tensor, pk: PagedKV, *, unique: bool, validate: bool) -> None:
     if not isinstance(slot_mapping, torch.Tensor):
         raise TypeError(f"slot_mapping: expected a torch.Tensor, got {type(slot_mapping).__name__}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
@@ -138,7 +139,7 @@ def _check_slots(slot_mapping: torch.Tensor, pk: PagedKV, *, unique: bool, valid
                              "may appear once (the write order of duplicates is undefined)")
 
 
-def _check_staging(t: torch.Tensor, pk: PagedKV, num_tokens: int, name: str) -> None:
+def check_staging(t: torch.Tensor, pk: PagedKV, num_tokens: int, name: str) -> None:
     expected = pk.staging_shape(num_tokens)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
