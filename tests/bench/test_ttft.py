@@ -20,10 +20,14 @@ from typing import ClassVar
 import pytest
 
 from bench.models import smollm2_dir
-from bench.ttft import parse_config, segment_target_notes, summarize
-from bench.ttft_quality import agreement, continuation_logprobs, mean_nll, perplexity_ratio, quality_figures
-from bench.ttft_scenarios import SCENARIOS, SEGMENT_SCENARIOS, Result, default_scenarios, segment_overrides
-from bench.ttft_workloads import RAG_PREAMBLE, build, load_tokenizer
+from bench.ttft.cli import parse_config
+from bench.ttft.quality import agreement, continuation_logprobs, mean_nll, perplexity_ratio, quality_figures
+from bench.ttft.report import summarize
+from bench.ttft.results import Result
+from bench.ttft.scenarios import SCENARIOS, SEGMENT_SCENARIOS, default_scenarios
+from bench.ttft.segment import segment_overrides
+from bench.ttft.targets import segment_target_notes
+from bench.ttft.workloads import RAG_PREAMBLE, build, load_tokenizer
 from connectors.segments import separator_ends
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -324,7 +328,7 @@ def stub_server():
 
 
 def test_server_mode_measures_time_to_first_streamed_token(stub_server, smollm2, tmp_path):
-    from bench.ttft import main
+    from bench.ttft.cli import main
 
     out = tmp_path / "server.json"
     report = main(["--server", stub_server, "--model", "stub", "--tokenizer", smollm2, "--num-docs", "2",

@@ -16,7 +16,7 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from bench.ttft_scenarios import Result
+from bench.ttft.results import Result
 
 
 def stream_completion(url: str, model: str, prompt: str, timeout: float) -> tuple[float, str, dict]:
