@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_core.tiers import disk
+from lmcache_core.tiers import disk_files
 from lmcache_core.tiers.disk import DiskTier
 from tests.reliability.common import REPO, chunk_files, engine, same_bytes, temp_files
 from tests.reliability.disk_writer_child import BIG, BIG_CHUNK_BYTES, SEQ_TOKENS, big_kv, big_tokens
@@ -155,7 +155,7 @@ def small_disk(request, tmp_path, monkeypatch):
         subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=10)
         pytest.skip("a real 2 MiB tmpfs could be mounted: the real-tmpfs variant covers disk full")
     written = [0]
-    real_write_all = disk._write_all
+    real_write_all = disk_files.write_all
 
     def write_all(fd, data):  # a 2 MiB file system: ENOSPC once that much has been written
         if written[0] + len(data) > 2 << 20:
@@ -163,7 +163,7 @@ def small_disk(request, tmp_path, monkeypatch):
         written[0] += len(data)
         real_write_all(fd, data)
 
-    monkeypatch.setattr(disk, "_write_all", write_all)
+    monkeypatch.setattr(disk_files, "write_all", write_all)
     yield mnt
 
 

@@ -11,6 +11,7 @@ import random
 
 import torch
 
+from lmcache_core.tiers.disk_index import LRU_SLACK
 from tests.reliability.common import CHUNK_BYTES, CS, engine, kv_for, same_bytes, tokens
 
 WARMUP_OPS, OPS = 3_000, 12_000
@@ -84,7 +85,11 @@ def test_long_run_rss_stays_flat(tmp_path, redis_node):
         assert len(tier._entries) == len(tier._policy) == stats[tier.name]["entries"]
         assert len(tier._policy._hits) <= len(tier._policy) and len(tier._policy._pins) == 0
     disk = e.tiers.byte_tiers[0]
-    assert len(disk._entries) <= L3_FILES and len(disk._heap) <= 2 * L3_FILES + 1024
+    disk.rescan()
+    disk.rescan()  # two idle rescans forget every removal recorded before them
+    sizes = disk.index.sizes()
+    assert sizes["entries"] == stats["L3"]["entries"] <= L3_FILES and sizes["lru"] <= 2 * L3_FILES + LRU_SLACK
+    assert (sizes["writing"], sizes["cancel"], sizes["removing"], sizes["removed"]) == (0, 0, 0, 0), sizes
     assert not e.tiers._prefetching and not e.tiers._pending_writes
     assert len(e._local_locks._held) == 0, "every claim was released or stored"
     e.close()
