@@ -54,7 +54,6 @@ class TierStack:
         self._pending_writes: set[Future] = set()
         self._prefetching: dict[ChunkKey, Future] = {}
         self._lock = threading.Lock()
-        self.corrupt = 0
         # (shape, dtype) of every chunk of this cache, once the engine knows its KV spec: a byte-tier chunk
         # whose (checksummed, but possibly forged) header says otherwise is corrupt, never copied out.
         self.expect: tuple[tuple[int, ...], torch.dtype] | None = None
