@@ -1,7 +1,7 @@
 """One configuration value: how a key is typed, bounded, parsed from text and checked (`Key`), and the
-byte sizes it may hold (`ByteSize`). `lmcache_core.config` builds the table of keys from these."""
+byte sizes it may hold (`ByteSize`). `lmcache_core.config` builds the table of keys from these. MASK,
+BOOL_WORDS and did_you_mean live in `lmcache_core.remote_url` (which this module builds on)."""
 
-import difflib
 import math
 import os
 import re
@@ -10,16 +10,14 @@ from decimal import Decimal
 from typing import Any
 
 from lmcache_core.errors import ConfigError
-from lmcache_core.remote_url import RemoteURL, parse_remote_url
+from lmcache_core.remote_url import BOOL_WORDS, MASK, RemoteURL, did_you_mean, parse_remote_url
 
 ENV_PREFIX = "LMCACHE_"
 GB, MiB = 10**9, 2**20
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _SIZE_TEXT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*\Z")
-_BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _NONE_TEXT = ("", "none", "null")
-MASK = "***"
 
 
 class ByteSize(int):
@@ -94,9 +92,9 @@ class Key:
         if self.optional and t.lower() in _NONE_TEXT:
             return None
         if self.kind == "bool":
-            if t.lower() not in _BOOL_TEXT:
+            if t.lower() not in BOOL_WORDS:
                 raise self.fail(source, text, "; accepted: true/false/1/0/yes/no")
-            return _BOOL_TEXT[t.lower()]
+            return BOOL_WORDS[t.lower()]
         if self.kind == "int":
             if not re.fullmatch(r"[+-]?\d{1,18}", t):
                 raise self.fail(source, text)
@@ -174,7 +172,3 @@ class Key:
             raise self.fail(source, value, f"; a plain number here is GB, for bytes write '{value}B'")
         return ByteSize(int((number * scale).to_integral_value()))
 
-
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""

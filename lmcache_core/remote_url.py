@@ -16,6 +16,9 @@ Accepted forms (the first three read as redis-py's `Redis.from_url` reads them):
   ssl_cert_reqs (none | optional | required), ssl_check_hostname (true | false). Any other query
   option is an error: a typo must not silently turn verification off.
 Every malformed URL raises `ConfigError` (a `ValueError`), whose message never contains the password.
+
+Also the one home of the text conventions `config_keys` shares with it: `MASK` (how a secret is shown),
+`BOOL_WORDS` (the boolean words accepted in text) and `did_you_mean` (the hint in errors).
 """
 
 import difflib
@@ -27,7 +30,8 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 from lmcache_core.errors import ConfigError
 
 DEFAULT_PORT = 6379
-_MASK = "***"
+MASK = "***"  # what a secret (a password, cache_secret) reads as in every repr, URL and error message
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}  # any case
 
 # scheme -> (uses TLS, is a cluster)
 SCHEMES: dict[str, tuple[bool, bool]] = {
@@ -39,7 +43,6 @@ SCHEMES: dict[str, tuple[bool, bool]] = {
 }
 CERT_REQS = ("none", "optional", "required")
 _TLS_QUERY_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
-_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\Z")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -106,7 +109,7 @@ class RemoteURL:
         return self.tls is not None
 
     def __repr__(self) -> str:
-        password = None if self.password is None else _MASK
+        password = None if self.password is None else MASK
         return (
             f"RemoteURL(scheme={self.scheme!r}, nodes={self.nodes!r}, unix_path={self.unix_path!r}, "
             f"db={self.db!r}, username={self.username!r}, password={password!r}, tls={self.tls!r})"
@@ -121,7 +124,7 @@ class RemoteURL:
         if self.username is not None or self.password is not None:
             auth = quote(self.username or "", safe="")
             if self.password is not None:
-                auth += ":" + (quote(self.password, safe="") if show_password else _MASK)
+                auth += ":" + (quote(self.password, safe="") if show_password else MASK)
             auth += "@"
         query = {}
         if self.scheme == "unix":
@@ -179,7 +182,7 @@ def _parse(url: str) -> RemoteURL:
         raise ConfigError(f"remote URL {_redact(url)!r}: no scheme; expected e.g. redis://host:6379")
     scheme, rest = url.split("://", 1)
     if scheme not in SCHEMES:
-        hint = _did_you_mean(scheme.lower(), SCHEMES)
+        hint = did_you_mean(scheme.lower(), SCHEMES)
         raise ConfigError(f"remote URL: unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}{hint}")
     bad = next((c for c in url if c.isspace() or not c.isprintable()), None)
     if bad is not None:
@@ -277,7 +280,7 @@ def _parse_query(text: str, scheme: str) -> dict[str, str]:
             if key in _TLS_QUERY_KEYS:
                 raise ConfigError(f"remote URL: {key} is a TLS option; TLS needs rediss:// or rediss-cluster://")
             raise ConfigError(f"remote URL: unknown query option {key!r}; allowed: {', '.join(allowed)}"
-                              f"{_did_you_mean(key, allowed)}")
+                              f"{did_you_mean(key, allowed)}")
         if key in out:
             raise ConfigError(f"remote URL: query option {key!r} given twice")
         if _BAD_PERCENT.search(value):
@@ -312,9 +315,9 @@ def _db_number(text: str) -> int:
 def _tls_options(query: dict[str, str]) -> TLSOptions:
     check = query.get("ssl_check_hostname")
     if check is not None:
-        if check.lower() not in _BOOLS:
+        if check.lower() not in BOOL_WORDS:
             raise ConfigError(f"remote URL: ssl_check_hostname: expected true or false, got {check!r}")
-        check = _BOOLS[check.lower()]
+        check = BOOL_WORDS[check.lower()]
     reqs = query.get("ssl_cert_reqs")
     if reqs is not None and reqs.lower() not in CERT_REQS:
         raise ConfigError(f"remote URL: ssl_cert_reqs: expected one of {CERT_REQS}, got {reqs!r}")
@@ -343,7 +346,7 @@ def _redact(url: str) -> str:
     userinfo, at, tail = rest.rpartition("@")
     if not at:
         return url
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:{_MASK}@{tail}"
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:{MASK}@{tail}"
 
 
 def _without_password(message: str, url) -> str:
@@ -359,6 +362,7 @@ def _without_password(message: str, url) -> str:
             "password (%23 for '#', %2F for '/', %3F for '?', %40 for '@')")
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+def did_you_mean(word, choices) -> str:
+    """"; did you mean 'x'?" naming the closest of `choices` to `word`, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lmcache_core.config import KEYS, ByteSize, CacheConfig, keys_markdown
 from lmcache_core.errors import ConfigError, LMCacheError
-from lmcache_core.remote_url import RemoteURL
+from lmcache_core.remote_url import BOOL_WORDS, RemoteURL, parse_remote_url
 
 GB, GiB, MiB = 10**9, 2**30, 2**20
 
@@ -186,6 +186,20 @@ def test_local_disk_size_alias_and_remote_url_env():
                                             ("false", False), ("0", False), ("No", False)])
 def test_env_bools(text, expected):
     assert CacheConfig.from_env({"LMCACHE_PREFETCH_ENABLED": text}).prefetch_enabled is expected
+
+
+@pytest.mark.parametrize("word", ["true", "1", "yes", "false", "0", "no", "maybe", "on"])
+def test_config_and_url_accept_the_same_boolean_words(word):
+    """One table (remote_url.BOOL_WORDS) for env booleans and the URL's ssl_check_hostname."""
+    def parse(fn):
+        try:
+            return fn()
+        except ConfigError:
+            return "refused"
+
+    from_env = parse(lambda: CacheConfig.from_env({"LMCACHE_PREFETCH_ENABLED": word.upper()}).prefetch_enabled)
+    from_url = parse(lambda: parse_remote_url(f"rediss://h?ssl_check_hostname={word}").tls.check_hostname)
+    assert from_env == from_url == BOOL_WORDS.get(word, "refused")
 
 
 @pytest.mark.parametrize("text", ["maybe", "2", "", "on"])
