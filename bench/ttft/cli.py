@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 
 from bench.common import Report, emit
 from bench.ttft.config import DTYPE_BYTES, QUICK, RAG_DEFAULTS, RAG_QUICK, Config
-from bench.ttft.plot import plot
+from bench.ttft.plot import model_name, plot
 from bench.ttft.progress import Progress
 from bench.ttft.report import columns, summarize
 from bench.ttft.scenarios import SCENARIOS, SEGMENT_SCENARIOS, default_scenarios
@@ -125,8 +125,10 @@ def parse_config(argv) -> Config:
 def main(argv=None) -> Report:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     report = run(cfg)
+    model = report.config.get("model") or cfg.model
+    report.config["model_name"] = model_name(model)
     if cfg.plot:
-        title = f"{cfg.workload}: {cfg.num_docs} x {cfg.doc_tokens} tokens, {report.config.get('model', cfg.model)}"
+        title = f"{cfg.workload}: {cfg.num_docs} x {cfg.doc_tokens} tokens, {report.config['model_name']} {cfg.dtype}"
         report.notes.append(plot(report.rows, cfg.plot, title))
     emit(report, columns(report.rows), cfg.output)
     return report

@@ -19,8 +19,10 @@ from urllib.parse import urlsplit
 from bench.ttft.results import Result
 
 
-def stream_completion(url: str, model: str, prompt: str, timeout: float) -> tuple[float, str, dict]:
-    """(seconds to the first streamed token, its text, the usage record or {}) for one completion."""
+def stream_completion(url: str, model: str, prompt: str, timeout: float,
+                      clock=time.perf_counter) -> tuple[float, str, dict]:
+    """(seconds to the first streamed token, its text, the usage record or {}) for one completion. `clock`
+    is read when the request goes out and when the first token arrives."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"--server: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
@@ -30,7 +32,7 @@ def stream_completion(url: str, model: str, prompt: str, timeout: float) -> tupl
                        "stream_options": {"include_usage": True}})
     path = parts.path.rstrip("/") + "/v1/completions"
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         conn.request("POST", path, body, {"Content-Type": "application/json", "Accept": "text/event-stream"})
         resp = conn.getresponse()
         if resp.status != 200:
@@ -50,7 +52,7 @@ def stream_completion(url: str, model: str, prompt: str, timeout: float) -> tupl
             for choice in event.get("choices") or ():
                 piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                 if ttft is None and (piece or choice.get("finish_reason")):
-                    ttft, text = time.perf_counter() - t0, piece
+                    ttft, text = clock() - t0, piece
             usage = event.get("usage") or usage
         if ttft is None:
             raise RuntimeError(f"{url}{path}: the stream ended without a token")

@@ -2,6 +2,19 @@
 
 import os
 
+SMOLLM2 = "SmolLM2-135M-Instruct"
+
+
+def model_name(model: str) -> str:
+    """The name a reader knows the model by: SmolLM2-135M-Instruct for bench.models' converted checkpoint,
+    a local checkpoint's folder name, else the name as given (e.g. a hub name)."""
+    from bench.models import DEFAULT_DIR
+
+    path = os.path.realpath(model)
+    if path == os.path.realpath(DEFAULT_DIR):
+        return SMOLLM2
+    return os.path.basename(path.rstrip(os.sep)) if os.path.isdir(model) else model
+
 
 def plot(rows: list[dict], path: str, title: str) -> str:
     """Write the chart to `path`; returns the note for the report (where it went, or why it did not)."""
