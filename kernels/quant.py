@@ -1,4 +1,4 @@
-"""Lossy KV codecs: int8, fp8 (e4m3) and int4 with bf16 scales, as one Triton pass over the KV.
+"""Lossy KV codecs on staging tensors: int8, fp8 (e4m3) and int4 with bf16 scales, one Triton pass over the KV.
 
 Dims: L layers, KV = 2 (K, V) or 1 (MLA), N tokens, H kv heads, D head dim, NT = ceil(N / TOKEN_TILE)
 token tiles. Staging is `[L, KV, N, H, D]` (`[L, 1, N, D]` for MLA) in bf16, fp16 or fp32.
@@ -34,6 +34,10 @@ QuantizedKV = (data, scales, meta), plain fields for the storage layer (no pickl
 - scales: bf16 `[L, S]`: per layer, K's scale groups then V's, flat. A per-channel section is `[NT, H, D,
   C]`, a per-token one `[N, H, G, C]` (G groups along D); C = 1 (scale) or 2 (scale, offset) for int4.
 - meta: QuantMeta (strings, ints and a tuple of ints: `to_dict()` / `from_dict()`).
+
+This file: the format, the torch reference and the staging launchers. The Triton kernels:
+kernels/quant_kernels.py. Fused with the paged transfer (gather + quantize, dequantize + scatter):
+kernels/quant_paged.py.
 """
 
 from dataclasses import asdict, dataclass
@@ -41,6 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ._env import use_triton
+from .quant_kernels import KVView, launch_dequantize, launch_quantize
 
 CODECS = ("int8", "fp8", "int4")
 # K per-channel scales cover one 64-token tile, which is also a program's token tile, so gather + quantize
@@ -51,7 +56,6 @@ TOKEN_TILE = 64
 INT4_GROUP = 64
 SCALE_DTYPE = torch.bfloat16
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CODEC_ID = {"int8": 0, "fp8": 1, "int4": 2}
 _QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 15.0}
 _DATA_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -86,6 +90,11 @@ class QuantMeta:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def qmax(self) -> float:
+        """The largest code: 127 (int8), 448 (fp8 e4m3's largest finite value), 15 (int4's codes 0..15)."""
+        return _QMAX[self.codec]
 
     @property
     def dims(self) -> tuple[int, int, int, int, int]:
@@ -224,7 +233,7 @@ def quantize_kv_ref(staging, codec="int8", *, k_grouping=None, group_size=None) 
     meta = make_meta(staging, codec, k_grouping, group_size)
     L, num_kv, n, h, d = meta.dims
     x5 = staging.reshape(L, num_kv, n, h, d).float()
-    qmax = _QMAX[codec]
+    qmax = meta.qmax
     datas, sections = [], []
     for kv in range(num_kv):  # K then V: two iterations, every token and layer at once
         channel = kv == 0 and meta.k_grouping == "channel"
@@ -293,10 +302,8 @@ def quantize_kv(staging, codec="int8", *, k_grouping=None, group_size=None) -> Q
     meta = make_meta(staging, codec, k_grouping, group_size)
     if staging.numel() == 0 or not use_triton(staging):
         return quantize_kv_ref(staging, codec, k_grouping=k_grouping, group_size=group_size)
-    from .quant_paged import launch_quantize  # the kernels read staging as a one-block paged cache
-
     q = empty_quantized(meta, staging.device)
-    launch_quantize(q, staging.unsqueeze(3) if staging.dim() == 4 else staging)  # any strides
+    launch_quantize(q, KVView.staging(staging.unsqueeze(3) if staging.dim() == 4 else staging))  # any strides
     return q
 
 
@@ -306,8 +313,6 @@ def dequantize_kv(q: QuantizedKV) -> torch.Tensor:
         raise TypeError(f"q: expected a QuantizedKV (from quantize_kv), got {type(q).__name__}")
     if q.data.numel() == 0 or not use_triton(q.data):
         return dequantize_kv_ref(q)
-    from .quant_paged import launch_dequantize
-
     out = torch.empty(q.meta.shape, dtype=q.meta.torch_dtype, device=q.data.device)
-    launch_dequantize(q, out.view(q.meta.dims))
+    launch_dequantize(q, KVView.staging(out.view(q.meta.dims)))
     return out
