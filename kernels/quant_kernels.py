@@ -101,11 +101,10 @@ class Codec(NamedTuple):
 class _Tile(NamedTuple):
     """Built inside the kernels: where this program's tile lives, and which of its elements are real."""
 
-    row: tl.tensor  # [BLOCK_N, 1, 1]: each token's row of this head in x.base (element d at row + d * stride_dim)
+    x_offs: tl.tensor  # int64 [BLOCK_N, BLOCK_G, BLOCK_E] in x.base; int4's odd element is at + x.stride_dim
     x_mask: tl.tensor  # a real element at a real slot (not padding)
     t_ok: tl.tensor  # [BLOCK_N, BLOCK_G, 1]: a real (token, group) of the staging
-    d: tl.tensor  # [1, BLOCK_G, BLOCK_E]: the element along D (the even one of a pair for int4)
-    col_in: tl.tensor  # d is a real element of D
+    col_in: tl.tensor  # [1, BLOCK_G, BLOCK_E]: a real element of D
     is_channel: tl.tensor  # this kv's scales are per channel ...
     is_token: tl.tensor  # ... or per token (flags as tensors: the interpreter turns `tensor & bool` into int32)
     data_offs: tl.tensor  # in q.data
@@ -186,7 +185,7 @@ def _tile(x, q, num_tokens, S, C):
         row = layer * x.stride_layer + kv * x.stride_kv + tok * x.stride_slot + head * x.stride_head
     g = tl.arange(0, S.BLOCK_G)[None, :, None]
     e = tl.arange(0, S.BLOCK_E)[None, None, :]
-    d = g * S.GROUP + e * S.STEP
+    d = g * S.GROUP + e * S.STEP  # STEP 2 (int4): the even element of each packed pair
     col_in = (g < S.NUM_GROUPS) & (e * S.STEP < S.GROUP) & (d < S.HEAD_DIM)
     tok3 = tok[:, None, None]
     is_channel = (kv + 0 * d) < C.K_CHANNEL
@@ -197,8 +196,10 @@ def _tile(x, q, num_tokens, S, C):
     t_offs = base + ((tok3 * S.NUM_HEADS + head) * S.NUM_GROUPS + g) * C.FIELDS
     c_offs = base + ((pid_n * S.NUM_HEADS + head) * S.HEAD_DIM + d) * C.FIELDS
     t_ok = (tok3 < num_tokens) & (g < S.NUM_GROUPS)
-    return _Tile(row[:, None, None], valid[:, None, None] & col_in, t_ok, d, col_in, is_channel, is_token,
-                 data_offs, t_offs, c_offs)
+    # d in int64: a layout with D outermost has stride_dim ~ the cache's size, and d * stride_dim must not wrap
+    x_offs = row[:, None, None] + d.to(tl.int64) * x.stride_dim
+    return _Tile(x_offs, valid[:, None, None] & col_in, t_ok, col_in, is_channel, is_token, data_offs, t_offs,
+                 c_offs)
 
 
 @triton.jit
@@ -220,10 +221,10 @@ def _quantize_kv_kernel(x, q, num_tokens, S, C):
     tile's tokens) are both computed, and the kv's grouping picks one. STEP 2 (int4) splits even/odd."""
     t = _tile(x, q, num_tokens, S, C)
     inb = t.t_ok & t.col_in  # staging elements: padding slots take part, as the zeros gather_kv gives them
-    x0 = _to_f32(tl.load(x.base + t.row + t.d * x.stride_dim, mask=t.x_mask, other=0), C.KIND)
+    x0 = _to_f32(tl.load(x.base + t.x_offs, mask=t.x_mask, other=0), C.KIND)
     x1 = x0
     if S.STEP == 2:
-        x1 = _to_f32(tl.load(x.base + t.row + (t.d + 1) * x.stride_dim, mask=t.x_mask, other=0), C.KIND)
+        x1 = _to_f32(tl.load(x.base + t.x_offs + x.stride_dim, mask=t.x_mask, other=0), C.KIND)
     lo0 = tl.where(inb, x0, float("inf"))
     hi0 = tl.where(inb, x0, -float("inf"))
     lo1 = tl.where(inb, x1, float("inf"))
@@ -273,12 +274,11 @@ def _dequantize_kv_kernel(x, q, num_tokens, S, C):
         lo1 = tl.where(t.is_channel, _to_f32(tl.load(q.scales + t.c_offs + C.FIELDS + 1, mask=c_mask, other=0), 2),
                        t_lo)
         # q * scale is exact in fp32 (4 x 8 significant bits), so a fused multiply-add rounds the same
-        tl.store(x.base + t.row + t.d * x.stride_dim, _from_f32((b & 15).to(tl.float32) * s0 + lo0, C.KIND),
-                 mask=t.x_mask)
-        tl.store(x.base + t.row + (t.d + 1) * x.stride_dim, _from_f32((b >> 4).to(tl.float32) * s1 + lo1, C.KIND),
+        tl.store(x.base + t.x_offs, _from_f32((b & 15).to(tl.float32) * s0 + lo0, C.KIND), mask=t.x_mask)
+        tl.store(x.base + t.x_offs + x.stride_dim, _from_f32((b >> 4).to(tl.float32) * s1 + lo1, C.KIND),
                  mask=t.x_mask)
     else:
-        tl.store(x.base + t.row + t.d * x.stride_dim, _from_f32(raw.to(tl.float32) * s0, C.KIND), mask=t.x_mask)
+        tl.store(x.base + t.x_offs, _from_f32(raw.to(tl.float32) * s0, C.KIND), mask=t.x_mask)
 
 
 def _launch(kernel, q, x: KVView) -> None:

@@ -156,6 +156,19 @@ def test_error_targets_on_real_kv(device):
         assert_quantized_equal(quantize_kv(part, codec), quantize_kv_ref(part, codec), f"real KV {codec}")
 
 
+@pytest.mark.parametrize("codec", CODECS)
+def test_dequantize_reads_views(codec, device):
+    """A QuantizedKV read back from storage may hold views (slices of larger buffers): same values."""
+    q = quantize_kv_ref(kv_like((2, 2, 70, 3, 64), torch.bfloat16).to(device), codec)
+    data = torch.zeros((*q.data.shape[:2], 75, *q.data.shape[3:]), dtype=q.data.dtype, device=device)
+    scales = torch.zeros((q.scales.shape[0], q.scales.shape[1] + 5), dtype=q.scales.dtype, device=device)
+    data[:, :, :70] = q.data
+    scales[:, 5:] = q.scales
+    views = QuantizedKV(data[:, :, :70], scales[:, 5:], q.meta)
+    assert not views.data.is_contiguous() and not views.scales.is_contiguous()
+    assert_bytes_equal(dequantize_kv(views), dequantize_kv_ref(q), f"{codec} from views")
+
+
 def test_zero_and_constant_groups(device):
     x = torch.zeros((1, 2, 40, 2, 64), dtype=torch.bfloat16, device=device)
     x[:, :, :, 1] = 3.0
