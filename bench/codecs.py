@@ -27,11 +27,10 @@ import torch
 
 from bench.common import Report, emit, measure
 from bench.models import load_smollm2, smollm2_dir
-from kernels.quant import dequantize_kv, quantize_kv
+from kernels.quant import QUANT_CODECS, dequantize_kv, quantize_kv
 from kernels.shuffle import compress_kv_lossless, decompress_kv_lossless
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOSSY = ("int8", "fp8", "int4")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Config:
 
 def _codec(name: str, cfg: Config):
     """(encode(x) -> (payload, stored bytes), decode(payload) -> x^) for a codec name."""
-    if name in LOSSY:
+    if name in QUANT_CODECS:
         def encode(x):
             q = quantize_kv(x, name)
             return q, q.nbytes + len(json.dumps(q.meta.to_dict()))
@@ -171,7 +170,7 @@ def run(cfg: Config) -> Report:
     kv = load_file(cfg.kv_file)["kv"].to(cfg.device)
     report.rows = codec_rows(kv, cfg)
     if cfg.quality:
-        lossy = [c for c in cfg.codecs if c in LOSSY or c == "lossless"]
+        lossy = [c for c in cfg.codecs if c in QUANT_CODECS or c == "lossless"]
         rows, info = quality_rows(cfg, lossy)
         by_codec = {r["codec"]: r for r in rows}
         for r in report.rows:

@@ -27,7 +27,7 @@ with atheris.instrument_imports(include=["lmcache_core"]):
 KEY = bytes(range(32))
 SECRET = b"fuzz-secret"
 SEEDS = []
-for _name in ("none", "zstd", "int8", "fp8", "int4"):
+for _name in serde.CHUNK_CODECS:
     for _shape in ((2, 2, 16, 2, 8), (1, 1, 64, 16)):
         _kv = torch.randn(_shape, generator=torch.Generator().manual_seed(len(SEEDS))).to(torch.bfloat16)
         for _secret in (None, SECRET):

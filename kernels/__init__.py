@@ -9,7 +9,7 @@ from .chunk_hash import ChunkHasher, chunk_hashes
 from .errors import KVLayoutError
 from .layout import KVLayout
 from .paged_kv import gather_kv, gather_kv_ref, scatter_kv, scatter_kv_ref
-from .quant import CODECS, QuantizedKV, QuantMeta, dequantize_kv, dequantize_kv_ref, quantize_kv, quantize_kv_ref
+from .quant import QUANT_CODECS, QuantizedKV, QuantMeta, dequantize_kv, dequantize_kv_ref, quantize_kv, quantize_kv_ref
 from .quant_paged import (gather_kv_quantized, gather_kv_quantized_ref, scatter_kv_dequantized,
                           scatter_kv_dequantized_ref)
 from .rope import rope_inv_freq, rope_shift, rope_shift_ref
@@ -20,7 +20,7 @@ __all__ = [
     "ChunkHasher", "chunk_hashes", "kv_checksum", "kv_checksum_ref",
     "KVLayout", "KVLayoutError", "gather_kv", "gather_kv_ref", "scatter_kv", "scatter_kv_ref",
     "rope_inv_freq", "rope_shift", "rope_shift_ref",
-    "CODECS", "QuantizedKV", "QuantMeta", "quantize_kv", "quantize_kv_ref", "dequantize_kv", "dequantize_kv_ref",
+    "QUANT_CODECS", "QuantizedKV", "QuantMeta", "quantize_kv", "quantize_kv_ref", "dequantize_kv", "dequantize_kv_ref",
     "gather_kv_quantized", "gather_kv_quantized_ref", "scatter_kv_dequantized", "scatter_kv_dequantized_ref",
     "shuffle_bytes", "shuffle_bytes_ref", "unshuffle_bytes", "unshuffle_bytes_ref", "compress_kv_lossless",
     "decompress_kv_lossless",

@@ -47,7 +47,8 @@ import torch
 from ._env import use_triton
 from .quant_kernels import KVView, launch_dequantize, launch_quantize
 
-CODECS = ("int8", "fp8", "int4")
+# The quantization codecs: what `quantize_kv(codec=...)` takes.
+QUANT_CODECS = ("int8", "fp8", "int4")
 # K per-channel scales cover one 64-token tile, which is also a program's token tile, so gather + quantize
 # stays one pass. 64 keeps scales at 2 bytes per 64 elements (1.94x for int8); 32 lowers int4 error (K 4.6%
 # -> 3.9%) but costs 3.37x.
@@ -73,8 +74,8 @@ class QuantMeta:
     group_size: int  # D elements per per-token group (D itself for int8/fp8)
 
     def __post_init__(self):
-        if self.codec not in CODECS:
-            raise ValueError(f"codec: expected one of {CODECS}, got {self.codec!r}")
+        if self.codec not in QUANT_CODECS:
+            raise ValueError(f"codec: expected one of {QUANT_CODECS}, got {self.codec!r}")
         if self.k_grouping not in ("channel", "token"):
             raise ValueError(f"k_grouping: expected 'channel' or 'token', got {self.k_grouping!r}")
         if self.dtype not in _DTYPE_NAMES.values():
@@ -170,8 +171,8 @@ def make_meta(staging: torch.Tensor, codec: str, k_grouping: str | None, group_s
     if not ok:
         raise ValueError(f"staging: expected [L, KV, N, H, D] with KV 1 or 2, or MLA [L, 1, N, D]; "
                          f"got shape {tuple(staging.shape)}")
-    if codec not in CODECS:
-        raise ValueError(f"codec: expected one of {CODECS}, got {codec!r}")
+    if codec not in QUANT_CODECS:
+        raise ValueError(f"codec: expected one of {QUANT_CODECS}, got {codec!r}")
     d = staging.shape[-1]
     if k_grouping is None:
         k_grouping = "channel" if codec != "fp8" and staging.dim() == 5 and staging.shape[1] == 2 else "token"

@@ -49,8 +49,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, tor
           torch.int8)
 _DTYPE_CODE = {dt: i + 1 for i, dt in enumerate(DTYPES)}
 _CODE_DTYPE = {i: dt for dt, i in _DTYPE_CODE.items()}
-CODECS = ("none", "zstd", "int8", "fp8", "int4")
-_CODEC_CODE = {name: i for i, name in enumerate(CODECS)}
+# How a stored chunk's payload is coded (lmcache_core.codec); the lossy three are kernels.quant.QUANT_CODECS.
+CHUNK_CODECS = ("none", "zstd", "int8", "fp8", "int4")
+_CODEC_CODE = {name: i for i, name in enumerate(CHUNK_CODECS)}
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,11 @@ def unpack_header(buf, expected_key: bytes | None = None) -> Header:
         raise CorruptChunkError(f"bad flags {flags:#x} or header length {header_len}")
     if expected_key is not None and key != expected_key:
         raise CorruptChunkError("key mismatch: the chunk was stored under another key")
-    if dtype_code not in _CODE_DTYPE or codec_code >= len(CODECS) or not 1 <= ndim <= MAX_DIMS:
+    if dtype_code not in _CODE_DTYPE or codec_code >= len(CHUNK_CODECS) or not 1 <= ndim <= MAX_DIMS:
         raise CorruptChunkError(f"bad dtype/codec/ndim codes {dtype_code}/{codec_code}/{ndim}")
     if any(dims[ndim:]) or not all(dims[:ndim]):
         raise CorruptChunkError(f"bad shape {dims} for ndim {ndim}")
-    header = Header(bytes(key), _CODE_DTYPE[dtype_code], tuple(dims[:ndim]), CODECS[codec_code], position,
+    header = Header(bytes(key), _CODE_DTYPE[dtype_code], tuple(dims[:ndim]), CHUNK_CODECS[codec_code], position,
                     tuple(params), (sec0, sec1), has_mac)
     return header
 

@@ -8,6 +8,7 @@ import torch
 
 from kernels import KVLayout, gather_kv, scatter_kv_ref
 from kernels.quant import (
+    QUANT_CODECS,
     QuantizedKV,
     QuantMeta,
     dequantize_kv,
@@ -24,7 +25,6 @@ from kernels.quant_paged import (
 from tests.helpers import assert_bytes_equal, real_kv
 from tests.kernels.test_paged_kv import layer_views, make_caches, random_slots
 
-CODECS = ["int8", "fp8", "int4"]
 # Unit roundoff of the staging dtype (RNE: |fl(v) - v| <= u |v|): bf16 has 8 significant bits, fp16 11.
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}
 
@@ -73,7 +73,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", QUANT_CODECS)
 @pytest.mark.parametrize("shape,dtype", SHAPES)
 def test_triton_matches_reference(shape, dtype, codec, device):
     x = kv_like(shape, dtype).to(device)
@@ -85,7 +85,7 @@ def test_triton_matches_reference(shape, dtype, codec, device):
     assert_bytes_equal(out, dequantize_kv_ref(ref), f"dequantize_kv {codec}")
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", QUANT_CODECS)
 def test_non_contiguous_staging(codec, device):
     x = kv_like((2, 7, 2, 3, 80), torch.bfloat16).to(device).transpose(1, 2)[..., 8:72]  # [L, KV, N, H, D=64]
     assert not x.is_contiguous()
@@ -107,7 +107,7 @@ def _elements(q: QuantizedKV, x: torch.Tensor):
     return torch.stack(s_all, 1).reshape(x.shape), torch.stack(lo_all, 1).reshape(x.shape)
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", QUANT_CODECS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_error_within_codec_bound(codec, dtype):
     """Bounds per element, from the codec's math (s: the stored scale, v = q*s (+lo) exact, x^ = fl(v)):
@@ -152,11 +152,11 @@ def test_error_targets_on_real_kv(device):
         assert err <= max_err, f"{codec}: relative L2 error {err:.4f} > {max_err}"
         assert ratio >= min_ratio, f"{codec}: ratio {ratio:.3f} < {min_ratio}"
     part = kv[:1, :, :64].contiguous()  # the kernels on real values too (small: the interpreter is slow)
-    for codec in CODECS:
+    for codec in QUANT_CODECS:
         assert_quantized_equal(quantize_kv(part, codec), quantize_kv_ref(part, codec), f"real KV {codec}")
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", QUANT_CODECS)
 def test_dequantize_reads_views(codec, device):
     """A QuantizedKV read back from storage may hold views (slices of larger buffers): same values."""
     q = quantize_kv_ref(kv_like((2, 2, 70, 3, 64), torch.bfloat16).to(device), codec)
@@ -172,7 +172,7 @@ def test_dequantize_reads_views(codec, device):
 def test_zero_and_constant_groups(device):
     x = torch.zeros((1, 2, 40, 2, 64), dtype=torch.bfloat16, device=device)
     x[:, :, :, 1] = 3.0
-    for codec in CODECS:
+    for codec in QUANT_CODECS:
         for fn in (quantize_kv, quantize_kv_ref):
             q = fn(x, codec)
             assert_bytes_equal(dequantize_kv(q), x, f"{codec} {fn.__name__}: zeros and constants")
@@ -244,7 +244,7 @@ def test_meta_is_plain_and_round_trips():
 
 def test_empty_staging():
     x = torch.empty((2, 2, 0, 3, 64), dtype=torch.bfloat16)
-    for codec in CODECS:
+    for codec in QUANT_CODECS:
         q = quantize_kv(x, codec)
         assert dequantize_kv(q).shape == x.shape
 
