@@ -1,4 +1,5 @@
-"""The tiers, one module each: memory (L1 device, L2 CPU arena), disk (L3), redis_tier (L4)."""
+"""The tiers, one module each: memory (L1 device, L2 CPU arena), disk (L3; its files and its index in
+disk_files and disk_index), redis_tier (L4; its connection in redis_client, shared with redis_locks)."""
 
 import os
 
@@ -30,5 +31,5 @@ def distributed_locks(tiers: list[Tier]):
         if isinstance(tier, RedisTier):
             from .redis_locks import RedisLocks
 
-            return RedisLocks(tier)
+            return RedisLocks(tier.client)
     return None

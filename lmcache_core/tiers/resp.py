@@ -11,13 +11,47 @@ Replies (RESP2 and RESP3, which redis-py negotiates when the server speaks it): 
 nil as None, integers as int, status lines as str, arrays and sets as lists, maps as dicts, errors as the
 exception redis-py would raise for them (not raised: one per command, in place); RESP3 push messages and
 attributes are skipped.
+
+The lean reader reads the connection's socket (`conn._sock`) and builds errors with redis-py's
+`redis._parsers.BaseParser.parse_error`: internals, so redis-py must be within REDIS_PY_RANGE (the range
+the tests ran on, pyproject's pin); importing this module outside it raises ImportError. Where either
+internal is missing, or with `lean=False`, replies are read by redis-py's own reader
+(`Connection.read_response`): bulk strings and status lines then come back as `bytes`.
 """
 
+import re
 import socket
 
 import redis
 import redis.exceptions as rex
-from redis._parsers import BaseParser
+
+REDIS_PY_RANGE = ("5.3.0", "8.2.0")  # lowest and highest redis-py tested, both included (pyproject.toml)
+
+
+def _version(text: str) -> tuple[int, int, int]:
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise ValueError(f"redis-py version: expected 'X.Y[.Z]...', got {text!r}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def check_redis_py(version: str) -> None:
+    """Raise ImportError unless redis-py `version` lies in REDIS_PY_RANGE (pre-releases count as their
+    release: 8.2.0rc1 is 8.2.0)."""
+    low, high = (_version(v) for v in REDIS_PY_RANGE)
+    if not low <= _version(version) <= high:
+        raise ImportError(f"lmcache_core needs redis-py {REDIS_PY_RANGE[0]} to {REDIS_PY_RANGE[1]} (its L4 reader "
+                          f"uses redis-py internals, tested on that range), but redis {version} is installed: "
+                          f"pip install 'redis>={REDIS_PY_RANGE[0]},<={REDIS_PY_RANGE[1]}'")
+
+
+check_redis_py(redis.__version__)
+try:
+    from redis._parsers import BaseParser
+
+    _parse_error = BaseParser.parse_error
+except (ImportError, AttributeError):  # an internal moved: read with redis-py's own reader
+    _parse_error = None
 
 MAX_BULK = 512 * 2**20  # Redis' own limit (proto-max-bulk-len): a longer length is a broken stream
 MAX_DEPTH = 16  # nested aggregates; ours are at most 2 deep
@@ -100,7 +134,7 @@ class _Reader:
                 raise rex.InvalidResponse(f"bulk string of {n} bytes exceeds {MAX_BULK}")
             data = self._bulk(n)
             if kind == b"!":
-                return BaseParser.parse_error(data.decode(errors="replace"))
+                return _parse_error(data.decode(errors="replace"))
             return data[4:] if kind == b"=" else data
         if kind in (b"*", b"~"):  # array, set
             return None if n < 0 else [self.reply(depth + 1) for _ in range(n)]
@@ -116,7 +150,7 @@ class _Reader:
         if kind == b"+":
             return rest.decode(errors="replace")
         if kind == b"-":
-            return BaseParser.parse_error(rest.decode(errors="replace"))
+            return _parse_error(rest.decode(errors="replace"))
         if kind == b"_":  # RESP3 null
             return None
         if kind == b"#":
@@ -131,19 +165,30 @@ class _Reader:
         return bytes(k) if isinstance(k, bytearray) else k
 
 
-def execute(client: redis.Redis, commands: list[tuple]) -> list:
+def execute(client: redis.Redis, commands: list[tuple], *, lean: bool = True) -> list:
     """Send `commands` in one pipeline on a connection of `client`'s pool; their replies, in order.
 
     A fault (connection, timeout, broken stream) closes that connection and raises a redis-py exception;
-    an error reply is returned in its command's place."""
+    an error reply is returned in its command's place. lean=False reads with redis-py's reader."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
         conn.send_packed_command(conn.pack_commands(commands))
-        reader = _Reader(conn._sock)
-        return [reader.reply() for _ in commands]
+        sock = getattr(conn, "_sock", None)
+        if lean and _parse_error is not None and isinstance(sock, socket.socket):
+            reader = _Reader(sock)
+            return [reader.reply() for _ in commands]
+        return [_redis_py_reply(conn) for _ in commands]
     except BaseException:
         conn.disconnect()  # the stream's position is unknown: never reuse it
         raise
     finally:
         pool.release(conn)
+
+
+def _redis_py_reply(conn) -> object:
+    """One reply by redis-py's reader, an error reply in place (redis-py raises it, the stream intact)."""
+    try:
+        return conn.read_response(disable_decoding=True)
+    except rex.ResponseError as e:
+        return e

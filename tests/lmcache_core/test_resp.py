@@ -1,15 +1,19 @@
 """RedisTier's reply reader (`tiers.resp`) against a real redis-server, over RESP2 and RESP3, and against a
-listener that answers with a broken stream."""
+listener that answers with a broken stream; the fallback to redis-py's own reader; the redis-py range."""
 
 import os
+import re
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import redis
 import redis.exceptions as rex
 
 from lmcache_core.tiers import resp
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 @pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
@@ -49,20 +53,20 @@ def test_cluster_redirections_become_redis_py_errors(redis_cluster):
 
 
 def test_resp3_push_messages_are_skipped(redis_node):
-    """Client-side caching invalidations arrive as pushes between replies on a RESP3 connection."""
+    """A client-side caching invalidation arrives as a push between the replies of a RESP3 pipeline (the
+    connection tracks the key it read, then writes it)."""
     c = redis.Redis.from_url(redis_node.url, protocol=3, socket_timeout=2.0)
-    other = redis.Redis.from_url(redis_node.url)
-    other.set("tracked", b"v1")
-    assert resp.execute(c, [("CLIENT", "TRACKING", "ON"), ("GET", "tracked")]) == ["OK", b"v1"]
-    other.set("tracked", b"v2")  # the server pushes an invalidation to `c`'s connection
-    assert resp.execute(c, [("GET", "tracked"), ("PING",)]) == [b"v2", "PONG"]
-    assert len(c.connection_pool._available_connections) == 1  # one connection, reused throughout
+    first_id = resp.execute(c, [("CLIENT", "ID")])
+    replies = resp.execute(c, [("CLIENT", "TRACKING", "ON"), ("SET", "tracked", b"v1"), ("GET", "tracked"),
+                               ("SET", "tracked", b"v2"), ("GET", "tracked"), ("PING",)])
+    assert replies == ["OK", "OK", b"v1", "OK", b"v2", "PONG"]
+    assert resp.execute(c, [("CLIENT", "ID")]) == first_id, "nothing was left unread: the same connection"
     c.close()
-    other.close()
 
 
 def _listener(answer: bytes):
-    """A TCP listener that reads one request and writes `answer`, then holds the connection open."""
+    """A TCP listener that reads one request and writes `answer`, then holds the connection open (its
+    server-side sockets are listed in the second value)."""
     srv = socket.create_server(("127.0.0.1", 0))
     conns = []
 
@@ -99,7 +103,8 @@ def test_a_broken_stream_raises_and_the_connection_is_dropped(answer, match):
     c = _raw_client(srv, timeout=1.0)
     with pytest.raises(rex.InvalidResponse, match=match):
         resp.execute(c, [("GET", "k")])
-    assert not c.connection_pool._available_connections[0].is_connected
+    conns[0].settimeout(2.0)
+    assert conns[0].recv(1) == b"", "the client closed the connection (the stream's position is unknown)"
     c.close()
     srv.close()
 
@@ -111,3 +116,65 @@ def test_a_silent_server_times_out():
         resp.execute(c, [("GET", "k")])
     c.close()
     srv.close()
+
+
+# -- redis-py's own reader (the fallback) ------------------------------------------------------------------
+
+
+def _plain(reply):
+    """A reply with bulk strings and status lines as bytes (the lean reader gives bytearray and str)."""
+    if isinstance(reply, list):
+        return [_plain(r) for r in reply]
+    if isinstance(reply, (bytearray, str)):
+        return bytes(reply.encode() if isinstance(reply, str) else reply)
+    if isinstance(reply, Exception):
+        return type(reply), str(reply)
+    return reply
+
+
+def test_the_fallback_reader_gives_the_same_replies(client):
+    big = os.urandom(2 * 2**20 + 3)
+    commands = [("SET", "big", big), ("GET", "big"), ("GET", "missing"), ("MGET", "big", "missing"),
+                ("INCR", "big"), ("EXISTS", "big"), ("EVAL", "return {1, 'two', false}", 0), ("PING",)]
+    lean = resp.execute(client, commands)
+    fallback = resp.execute(client, commands, lean=False)
+    assert _plain(fallback) == _plain(lean)
+    assert fallback[1] == big and isinstance(fallback[4], rex.ResponseError), "error replies stay in place"
+    assert resp.execute(client, [("GET", "big")], lean=False) == [big], "the connection is still in step"
+
+
+def test_the_fallback_reader_follows_redirections(redis_cluster):
+    node = redis_cluster.masters()[0]
+    c = redis.Redis(host=node.host, port=node.port)
+    replies = resp.execute(c, [("GET", f"key-{i}") for i in range(40)], lean=False)
+    assert any(isinstance(r, rex.MovedError) for r in replies)
+    assert _plain(replies) == _plain(resp.execute(c, [("GET", f"key-{i}") for i in range(40)]))
+    c.close()
+
+
+def test_a_broken_stream_through_the_fallback_raises():
+    srv, _ = _listener(b"?what\r\n")
+    c = _raw_client(srv, timeout=1.0)
+    with pytest.raises(rex.RedisError):
+        resp.execute(c, [("GET", "k")], lean=False)
+    c.close()
+    srv.close()
+
+
+# -- the redis-py versions this module accepts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, ok", [("5.3.0", True), ("6.4.0", True), ("8.2.0", True), ("8.2.0rc1", True),
+                                         ("5.2.1", False), ("4.6.0", False), ("8.2.1", False), ("9.0.0", False)])
+def test_the_redis_py_range_is_checked(version, ok):
+    if ok:
+        resp.check_redis_py(version)
+    else:
+        with pytest.raises(ImportError, match=rf"needs redis-py 5\.3\.0 to 8\.2\.0 .* redis {re.escape(version)} "):
+            resp.check_redis_py(version)
+    resp.check_redis_py(redis.__version__)  # the one installed here is in the range
+
+
+def test_pyproject_pins_the_same_range():
+    line = next(x for x in PYPROJECT.read_text().splitlines() if x.strip().startswith('"redis'))
+    assert line.strip().rstrip(",") == f'"redis>={resp.REDIS_PY_RANGE[0]},<={resp.REDIS_PY_RANGE[1]}"'

@@ -9,7 +9,7 @@ instance, nothing in memory) retrieves byte-exact.
   `rediss://:password@127.0.0.1:port?ssl_ca_certs=...&ssl_certfile=...&ssl_keyfile=...&ssl_cert_reqs=required
   &ssl_check_hostname=true`. Without the client certificate, trusting only the system CAs, or speaking
   plaintext to the TLS port: misses within the timeout, no exception.
-tests/lmcache_core/test_redis_tier.py covers the tier alone with a password, an ACL user and server-only TLS.
+tests/lmcache_core/test_redis_faults.py covers the tier alone with a password, an ACL user and server-only TLS.
 """
 
 import shutil
