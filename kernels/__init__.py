@@ -13,8 +13,8 @@ from .quant import QUANT_CODECS, QuantizedKV, QuantMeta, dequantize_kv, dequanti
 from .quant_paged import (gather_kv_quantized, gather_kv_quantized_ref, scatter_kv_dequantized,
                           scatter_kv_dequantized_ref)
 from .rope import rope_inv_freq, rope_shift, rope_shift_ref
-from .shuffle import (compress_kv_lossless, decompress_kv_lossless, shuffle_bytes, shuffle_bytes_ref,
-                      unshuffle_bytes, unshuffle_bytes_ref)
+from .shuffle import (compress_kv_lossless, compress_kv_lossless_ref, decompress_kv_lossless, shuffle_bytes,
+                      shuffle_bytes_ref, unshuffle_bytes, unshuffle_bytes_ref)
 
 __all__ = [
     "ChunkHasher", "chunk_hashes", "kv_checksum", "kv_checksum_ref",
@@ -23,5 +23,5 @@ __all__ = [
     "QUANT_CODECS", "QuantizedKV", "QuantMeta", "quantize_kv", "quantize_kv_ref", "dequantize_kv", "dequantize_kv_ref",
     "gather_kv_quantized", "gather_kv_quantized_ref", "scatter_kv_dequantized", "scatter_kv_dequantized_ref",
     "shuffle_bytes", "shuffle_bytes_ref", "unshuffle_bytes", "unshuffle_bytes_ref", "compress_kv_lossless",
-    "decompress_kv_lossless",
+    "compress_kv_lossless_ref", "decompress_kv_lossless",
 ]

@@ -10,8 +10,9 @@ on the CPU through numpy's strided copies (~10x torch's strided `copy_` there: ~
 chunk on one core, vs ~40 ms), elsewhere with torch. Both references write into `out=` when given, so a
 decoder can unshuffle straight into the cache entry it fills.
 
-`compress_kv_lossless` / `decompress_kv_lossless` add zstd on the CPU. `zstandard` is imported inside
-them: `kernels/` imports with torch, triton and numpy only (the GPU machine has no zstandard).
+`compress_kv_lossless` / `decompress_kv_lossless` add zstd on the CPU (the cache's `zstd` chunk codec is
+these two). `zstandard` is imported inside them: `kernels/` imports with torch, triton and numpy only (the
+GPU machine has no zstandard).
 """
 
 import sys
@@ -174,6 +175,12 @@ def unshuffle_bytes(planes: torch.Tensor, dtype: torch.dtype, shape, *,
     return values
 
 
+def _zstd_frame(planes: torch.Tensor, level: int, threads: int) -> bytes:
+    import zstandard  # lazy: kernels/ must import without it (the GPU machine has none)
+
+    return zstandard.ZstdCompressor(level=level, threads=threads).compress(planes.cpu().numpy())
+
+
 def compress_kv_lossless(x: torch.Tensor, *, level: int = 1, threads: int = -1) -> bytes:
     """shuffle_bytes on x's device, then one zstd frame of the planes on the CPU (multithreaded).
 
@@ -181,27 +188,38 @@ def compress_kv_lossless(x: torch.Tensor, *, level: int = 1, threads: int = -1) 
     The frame records its size, not the dtype or shape: the caller stores those (the chunk header) and
     passes them to decompress_kv_lossless.
     """
-    import zstandard  # lazy: kernels/ must import without it (the GPU machine has none)
-
-    planes = shuffle_bytes(x).cpu()
-    return zstandard.ZstdCompressor(level=level, threads=threads).compress(planes.numpy())
+    return _zstd_frame(shuffle_bytes(x), level, threads)
 
 
-def decompress_kv_lossless(blob: bytes, dtype: torch.dtype, shape, device=None) -> torch.Tensor:
-    """The exact tensor `compress_kv_lossless` was given (unshuffled on `device`, default CPU)."""
+def compress_kv_lossless_ref(x: torch.Tensor, *, level: int = 1, threads: int = -1) -> bytes:
+    """`compress_kv_lossless` with the planes from `shuffle_bytes_ref`: the same bytes, on the pure-torch path."""
+    return _zstd_frame(shuffle_bytes_ref(x), level, threads)
+
+
+def decompress_kv_lossless(blob, dtype: torch.dtype, shape, device=None, *,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact tensor `compress_kv_lossless` was given, unshuffled on `device` (default CPU), or into `out`
+    (a contiguous tensor of `dtype` and `shape`, on its own device; returned). On the CPU, zstd's output is
+    read in place. blob: bytes-like. Raises ValueError when blob is not one zstd frame of exactly those bytes;
+    a frame that declares another size is refused before anything is allocated."""
     import zstandard
 
     size = _check_dtype(dtype, "dtype")
     numel = torch.Size(shape).numel()
-    declared = zstandard.frame_content_size(blob)  # decompress() trusts it: check before it allocates
-    if declared not in (size * numel, zstandard.CONTENTSIZE_UNKNOWN):
-        raise ValueError(f"blob: the zstd frame declares {declared} bytes, expected {size * numel} for {dtype} "
-                         f"{tuple(shape)}")
-    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size * numel)
-    if len(raw) != size * numel:
-        raise ValueError(f"blob: decompressed to {len(raw)} bytes, expected {size * numel} for {dtype} "
-                         f"{tuple(shape)}")
-    if device is None or torch.device(device).type == "cpu":
-        return unshuffle_bytes_ref(raw, dtype, shape)  # reads zstd's output in place
+    nbytes, what = size * numel, f"{size * numel} bytes for {dtype} {tuple(shape)}"
+    try:
+        declared = zstandard.frame_content_size(blob)  # decompress() trusts it: check before it allocates
+        if declared not in (nbytes, zstandard.CONTENTSIZE_UNKNOWN):
+            raise ValueError(f"blob: the zstd frame declares {declared} bytes, expected {what}")
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=nbytes)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"blob: not a zstd frame of {what} ({e})") from e
+    if len(raw) != nbytes:
+        raise ValueError(f"blob: decompressed to {len(raw)} bytes, expected {what}")
+    if out is not None:
+        device = out.device
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        return unshuffle_bytes_ref(raw, dtype, shape, out=out)  # reads zstd's output in place
     planes = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(size, numel)
-    return unshuffle_bytes(planes.to(device), dtype, shape)
+    return unshuffle_bytes(planes.to(device), dtype, shape, out=out)

@@ -6,6 +6,7 @@ import torch
 
 from kernels.shuffle import (
     compress_kv_lossless,
+    compress_kv_lossless_ref,
     decompress_kv_lossless,
     shuffle_bytes,
     shuffle_bytes_ref,
@@ -80,6 +81,34 @@ def test_empty_and_bad_arguments():
     blob = compress_kv_lossless(torch.zeros(6, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="bytes"):
         decompress_kv_lossless(blob, torch.bfloat16, (5,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zstd_reference_writes_the_same_frame(dtype, device):
+    """compress_kv_lossless_ref (the cache's CPU path) == compress_kv_lossless (Triton planes where it runs)."""
+    x = with_special_values((2, 2, 70, 3, 64), dtype)
+    ref = compress_kv_lossless_ref(x, level=3, threads=0)
+    assert ref == compress_kv_lossless(x.to(device), level=3, threads=0)
+    assert_bytes_equal(decompress_kv_lossless(ref, dtype, x.shape, device=device).cpu(), x, "round trip")
+
+
+def test_zstd_decompresses_into_out():
+    x = with_special_values((2, 2, 7, 3, 80), torch.bfloat16)
+    blob = compress_kv_lossless_ref(x)
+    out = torch.empty_like(x)
+    assert decompress_kv_lossless(blob, x.dtype, x.shape, out=out) is out
+    assert_bytes_equal(out, x, "decompress_kv_lossless(out=)")
+    with pytest.raises(ValueError, match="out: expected a contiguous"):
+        decompress_kv_lossless(blob, x.dtype, x.shape, out=torch.empty_like(x).transpose(0, 1))
+
+
+def test_zstd_refuses_what_is_not_its_frame():
+    """Bad frames raise ValueError naming the blob and the size expected (zstandard's own error is the cause)."""
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="blob: not a zstd frame of 128 bytes"):
+        decompress_kv_lossless(b"not a zstd frame", x.dtype, x.shape)
+    with pytest.raises(ValueError, match="declares 128 bytes, expected 126 bytes"):
+        decompress_kv_lossless(compress_kv_lossless_ref(x), x.dtype, (63,))
 
 
 def test_real_kv_ratio_beats_plain_zstd():
