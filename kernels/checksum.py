@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._env import use_triton
+from ._env import use_triton
 
 logger = logging.getLogger(__name__)
 
