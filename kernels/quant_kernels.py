@@ -10,9 +10,9 @@ gives them; writes skip them.
 The codecs, their rounding and their data format: kernels/quant.py, whose launchers run these kernels on
 staging tensors; kernels/quant_paged.py runs them on paged caches (gather + quantize, dequantize + scatter).
 
-Arguments travel in four NamedTuples (Triton passes tuples into kernels; it cannot take a dataclass):
-`KVView` (where the unquantized KV is), `QuantView` (the QuantizedKV's tensors), and two of constexprs,
-`TileShape` and `Codec`.
+Arguments travel in four NamedTuples (Triton passes tuples into kernels; it cannot take a dataclass), named
+alike in every kernel: x, a `KVView` (where the unquantized KV is); q, a `QuantView` (the QuantizedKV's
+tensors); and two of constexprs, S, a `TileShape`, and C, a `Codec`.
 """
 
 from typing import NamedTuple
