@@ -20,26 +20,26 @@ def slots_for(block_ids, block_size: int, start: int, end: int) -> torch.Tensor:
 
 @dataclass
 class LoadSpec:
-    """Load positions [start, end) of `token_ids`: retrieve the chunks covering [0, end), scatter the part
-    from `start` into `slots` (one per position in [start, end))."""
+    """Load positions [start, end): the chunks `hashes` cover [first, ...) (first = start rounded down to a
+    chunk); the part from `start` goes into `slots` (one per position in [start, end)). background: run it
+    off the forward pass and report the request through `get_finished` (vLLM keeps it waiting)."""
 
     req_id: str
-    token_ids: list[int]  # the prompt's leading whole chunks covering `end`
-    namespace: str | None
+    hashes: list[bytes]  # prefix-mode chunk hashes of the chunks covering [first, end)
+    first: int  # position of the first chunk's first token
     start: int
     end: int
     slots: torch.Tensor  # int64 [end - start]
+    background: bool = False
 
 
 @dataclass
 class SaveSpec:
-    """Store the chunks of `token_ids` (whole chunks, from position 0), whose KV sits in `slots`."""
+    """Store the chunks `hashes` (whole chunks, in order), whose KV sits in `slots` (one per token)."""
 
     req_id: str
-    token_ids: list[int]
-    namespace: str | None
-    slots: torch.Tensor  # int64 [len(token_ids)]
-    first_new_chunk: int  # chunks before it were stored in an earlier step: gathered and stored from here
+    hashes: list[bytes]
+    slots: torch.Tensor  # int64 [len(hashes) * chunk_size]
 
 
 @dataclass
@@ -49,15 +49,16 @@ class SegmentLoadSpec:
     each chunk was computed to these positions."""
 
     req_id: str
-    chunks: list[tuple]  # (ChunkKey, start position in this prompt, tokens), consecutive, in order
+    chunks: list[tuple]  # (segment chunk hash, start position in this prompt, tokens), consecutive, in order
     start: int
     end: int
     slots: torch.Tensor  # int64 [end - start]
+    background: bool = False
 
 
 @dataclass
 class SegmentSaveSpec:
-    """Store segment chunks this prompt computed: (ChunkKey, start position, tokens) with their slots."""
+    """Store segment chunks this prompt computed: (chunk hash, start position, tokens) with their slots."""
 
     req_id: str
     chunks: list[tuple]
@@ -73,3 +74,4 @@ class LMCacheCoreMetadata(KVConnectorMetadata):
     # Requests whose failed load the scheduler has seen (and re-planned the saves of): the worker may save
     # their chunks again. Until then it saves none of them, even with async scheduling's step in flight.
     failures_seen: set[str] = field(default_factory=set)
+    idle: bool = False  # the step computes nothing (only background loads are in flight)

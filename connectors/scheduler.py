@@ -1,41 +1,58 @@
 """The scheduler half: answers "how many prompt tokens can be loaded" and plans each step's loads and saves.
 
-Per request it keeps the prompt (it never changes), its chunk keys (hashed once, on the first ask), the
-namespace, whether the request was counted in the statistics, the single-flight wait, the load vLLM
-accepted, and how many leading chunks are known stored. Lookups touch only the cache engine's key index (and
-single-flight locks), never the worker.
+It holds no cache engine, no memory and does no tier I/O: the workers own the tiers, and every question goes
+to them over the lookup channel (connectors/lookup.py), all ranks at once; a chunk counts only when every
+rank holds it. Per request it keeps the prompt (it never changes), its chunk hashes (hashed once, on the first
+ask), the namespace, the single-flight wait, the load vLLM accepted, and how many leading chunks are known
+stored. What it sends each step names the chunks by hash and the slots of the tokens that move, never the
+whole prompt again.
 
-Timeline per request: `lookup` (once: statistics and prefetch) + `claim` (every ask) ->
-`update_state_after_alloc` (vLLM accepted `n` external tokens) -> `build_connector_meta` each step it is
-scheduled (its load once; every chunk whose tokens are all computed by the end of the step, once) ->
-`request_finished` (release unused claims, forget the request).
+Timeline per request: `ask` (first time: statistics and prefetch on the workers; every time: the claim) ->
+`update_state_after_alloc` (vLLM accepted `n` external tokens) -> `build_connector_meta` (the load once:
+synchronous when every chunk is in the workers' memory tiers, else in the background with the request in
+WAITING_FOR_REMOTE_KVS; each chunk whose tokens are all computed by the end of the step, once) ->
+`update_connector_output` (loads done or failed) -> `request_finished` (release claims, forget the request).
 """
 
 import logging
 import time
 from dataclasses import dataclass, field
 
-from lmcache_core import metrics
+from kernels import chunk_hashes
+from lmcache_core.keys import chunk_salt
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from . import registry
+from .lookup import LookupClient, socket_path
 from .metadata import LMCacheCoreMetadata, LoadSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
 from .segments import SegmentError, SegmentPlan, parse_separator, request_spans
-from .spec import ConnectorSettings, attention_spec, configured_layout, kv_spec
+from .spec import ConnectorSettings, attention_spec, configured_layout, parallel_ranks
 from .stats import LMCacheCoreStats
 
 log = logging.getLogger(__name__)
+
+MEMORY_TIERS = ("L1", "L2")
+# Where vLLM's metrics say our hits came from (vllm:prompt_tokens_cached_by_source). vLLM has no source for
+# a remote store: its CacheHitSource documents EXTERNAL_UNSPECIFIED as "uninstrumented connector or remote
+# store", so Redis hits are reported there.
+_HOST_SOURCES = {"L1": CacheHitSource.HOST, "L2": CacheHitSource.HOST, "L3": CacheHitSource.DISK,
+                 "L4": CacheHitSource.EXTERNAL_UNSPECIFIED}
+_TIER_ORDER = ("L1", "L2", "L3", "L4")
 
 
 @dataclass
 class _Request:
     prompt: list[int]
     namespace: str | None
-    keys: list = field(default_factory=list)  # the prompt's chunk keys (engine.keys), for every engine call
+    hashes: list[bytes]  # the prompt's prefix-mode chunk hashes
     counted: bool = False  # looked up once for the statistics
-    busy_since: float | None = None  # first "busy" answer of the current wait
+    busy_since: float | None = None  # start of the current wait for another owner's chunks
+    busy_hit: int = 0  # tokens cached when that wait (re)started: progress restarts the clock
     waited_out: bool = False  # a wait passed lock_timeout: compute from now on
     computed_at_ask: int = 0  # vLLM's own computed tokens at the last ask
-    pending_load: tuple[int, int] | None = None  # [start, end) accepted by vLLM, not yet sent to the worker
+    tiers: tuple[str, ...] = ()  # slowest tier over the ranks of each chunk of the last ask's run
+    pending_load: tuple[int, int, bool] | None = None  # [start, end), background: accepted, not yet sent
+    loading: tuple[int, int, int, bool] | None = None  # start, prefix end, end, background: sent, not done
+    loaded_upto: int | None = None  # a background load: the least position any rank reported loaded so far
     stored_chunks: int = 0  # chunks [0, stored_chunks) are in the cache or on their way there
     segments: SegmentPlan | None = None  # segment reuse: the prompt's segment chunks
     prefix_hit: int = 0  # exact prefix tokens cached, at the last ask
@@ -61,16 +78,58 @@ def cacheable(request) -> bool:
             and not getattr(request, "mm_features", None))
 
 
+class WorkerCaches:
+    """What the scheduler can ask about the workers' caches (SegmentPlan takes it too)."""
+
+    def __init__(self, client: LookupClient, chunk_size: int, cache_salt: str):
+        self.client, self.chunk_size, self._cache_salt = client, chunk_size, cache_salt
+
+    def salt(self, namespace: str | None = None) -> bytes:
+        return chunk_salt(self._cache_salt, namespace)
+
+    def ask(self, hashes: list[bytes], owner: str | None, prefetch: bool) -> tuple[tuple[str, ...], str | None]:
+        """(slowest tier of each chunk of the run every rank holds, the lead rank's claim). No answer from a
+        rank: a miss (nothing is loaded, the request computes)."""
+        replies = self.client.ask("ask", {"owner": owner, "prefetch": prefetch}, hashes)
+        if any(r is None for r in replies):
+            return (), None
+        run = min(len(r["tiers"]) for r in replies)
+        tiers = tuple(max((r["tiers"][i] for r in replies), key=_TIER_ORDER.index) for i in range(run))
+        return tiers, replies[0].get("claim")
+
+    def contains(self, hashes: list[bytes]) -> list[str | None]:
+        """Per chunk, the slowest tier over the ranks holding it, or None when any rank lacks it."""
+        replies = self.client.ask("contains", {}, hashes)
+        if any(r is None for r in replies):
+            return [None] * len(hashes)
+        out = []
+        for i in range(len(hashes)):
+            where = [r["tiers"][i] for r in replies]
+            out.append(None if None in where else max(where, key=_TIER_ORDER.index))
+        return out
+
+    def release(self, hashes: list[bytes], owner: str) -> None:
+        self.client.ask("release", {"owner": owner}, hashes, wait=False)
+
+    def reset(self) -> bool:
+        replies = self.client.ask("reset", {})
+        return all(r is not None and r.get("ok") for r in replies)
+
+
 class SchedulerHalf:
     def __init__(self, vllm_config, kv_cache_config, settings: ConnectorSettings):
         cache = settings.cache
+        self.settings = settings
         layout = configured_layout(vllm_config, kv_cache_config)
-        spec = kv_spec(vllm_config, kv_cache_config, cache, layout, tp_rank=0)
-        # In one process with the worker (TP=1) this is the worker's engine; else a lookup-only one (L3/L4).
-        self.engine = registry.shared_engine(cache, spec)
         self.chunk_size = cache.chunk_size
         self.block_size = attention_spec(kv_cache_config).block_size
         self.whole_blocks = layout.whole_blocks  # prefix loads end on a block boundary (vllm_cpu)
+        self.lock_timeout, self.fallback_on_timeout = cache.lock_timeout, cache.fallback_on_timeout
+        engine_id = vllm_config.kv_transfer_config.engine_id
+        dp = vllm_config.parallel_config.data_parallel_rank
+        paths = [socket_path(engine_id, dp, pp, tp) for pp, tp in parallel_ranks(vllm_config)]
+        self.client = LookupClient(paths, cache.lookup_timeout)
+        self.caches = WorkerCaches(self.client, cache.chunk_size, cache.cache_salt)
         self.segment_reuse = cache.segment_reuse
         self.separator = (parse_separator(cache.segment_separator, _tokenizer(vllm_config))
                           if cache.segment_reuse else None)
@@ -78,6 +137,10 @@ class SchedulerHalf:
         self.stats = LMCacheCoreStats()
         self._reqs: dict[str, _Request] = {}
         self._failures_seen: set[str] = set()
+        log.info("lmcache: scheduler: chunk %d tokens, asks %d worker(s) over %s (lookup_timeout %.1fs), "
+                 "single-flight lock_timeout %.1fs, background loads %s, segment reuse %s", cache.chunk_size,
+                 len(paths), paths[0].rsplit("-dp", 1)[0] + "-*.sock", cache.lookup_timeout, cache.lock_timeout,
+                 "on" if cache.async_load else "off", "on" if cache.segment_reuse else "off")
 
     # -- asks ---------------------------------------------------------------------------------------------
 
@@ -85,8 +148,8 @@ class SchedulerHalf:
         st = self._reqs.get(request.request_id)
         if st is None and cacheable(request):
             prompt, namespace = list(request.prompt_token_ids), namespace_of(request)
-            keys = self.engine.keys(prompt, namespace=namespace)
-            st = self._reqs[request.request_id] = _Request(prompt, namespace, keys)
+            hashes = chunk_hashes(prompt, chunk_size=self.chunk_size, salt=self.caches.salt(namespace))
+            st = self._reqs[request.request_id] = _Request(prompt, namespace, hashes)
             if self.segment_reuse:
                 st.segments = self._segment_plan(request, st)
         return st
@@ -97,34 +160,45 @@ class SchedulerHalf:
         except SegmentError as e:  # a bad request parameter costs the request its segment reuse, not more
             log.warning("lmcache: request %s: %s; segment reuse off for it", request.request_id, e)
             return None
-        return SegmentPlan.build(self.engine, st.prompt, spans, st.namespace) if spans else None
+        return SegmentPlan.build(self.caches, st.prompt, spans, st.namespace) if spans else None
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
         if st is None:
             return 0, False
-        cs, engine = self.chunk_size, self.engine
-        if not st.counted:  # once per request: the hit statistics, and prefetch of lower-tier chunks
-            hit = engine.lookup(st.prompt, namespace=st.namespace, keys=st.keys)
+        cs = self.chunk_size
+        if not st.hashes and st.segments is None:  # shorter than a chunk: nothing to ask about
+            if not st.counted:
+                st.counted = True
+                self.stats.add("requests", 1)
+            return 0, False
+        t0 = time.perf_counter()
+        first = not st.counted
+        tiers, claim = self.caches.ask(st.hashes, request.request_id, prefetch=first and
+                                       self.settings.cache.prefetch_enabled)
+        self.stats.observe_lookup(time.perf_counter() - t0)
+        hit = len(tiers) * cs
+        if first:  # once per request: the hit statistics
             st.counted = True
             self.stats.add("requests", 1)
-            self.stats.add("lookup_tokens", len(st.prompt) // cs * cs)
+            self.stats.add("lookup_tokens", len(st.hashes) * cs)
             self.stats.add("hit_tokens", hit)
-        claim = engine.claim(st.prompt, owner=request.request_id, namespace=st.namespace, keys=st.keys)
-        hit = claim.hit_tokens
-        # Another request or instance is computing the first chunk we miss; wait for it unless vLLM's own
-        # prefix cache already covers that chunk, or this request already waited lock_timeout.
-        if claim.state == "busy" and hit + cs > num_computed_tokens and not st.waited_out:
+        # Another request or instance is computing the first chunk we miss: wait for it unless vLLM's own
+        # prefix cache already covers that chunk, or this request already waited lock_timeout without the
+        # other owner storing anything (progress restarts the clock: a long prefill stores chunk by chunk).
+        if claim == "busy" and hit + cs > num_computed_tokens and not st.waited_out:
             now = time.monotonic()
-            st.busy_since = st.busy_since or now
-            if now - st.busy_since < engine.lock_timeout or not engine.fallback_on_timeout:
+            if st.busy_since is None or hit > st.busy_hit:
+                st.busy_since, st.busy_hit = now, hit
+            if now - st.busy_since < self.lock_timeout or not self.fallback_on_timeout:
                 return None, False
             st.waited_out = True
-            metrics.LOCK_TIMEOUTS.inc()
+            self.stats.add("lock_timeouts", 1)
             log.info("lmcache: request %s waited %.1fs for chunks another owner computes; computing them",
                      request.request_id, now - st.busy_since)
         st.busy_since = None
         st.computed_at_ask = num_computed_tokens
+        st.tiers = tiers
         usable = min(hit, request.num_tokens - 1)  # the last token is always computed: it yields logits
         st.prefix_hit = usable
         extended = st.segments.extend(usable, request.num_tokens - 1) if st.segments is not None else usable
@@ -135,12 +209,40 @@ class SchedulerHalf:
             usable -= usable % self.block_size
             st.prefix_hit = usable
         st.stored_chunks = max(st.stored_chunks, hit // cs)
-        return max(0, usable - num_computed_tokens), False
+        new = max(0, usable - num_computed_tokens)
+        return new, new > 0 and self._background(st, num_computed_tokens, usable)
+
+    def _background(self, st: _Request, start: int, end: int) -> bool:
+        """Load in the background when any chunk of [start, end) is on disk or in Redis on some rank."""
+        if not self.settings.cache.async_load:
+            return False
+        cs = self.chunk_size
+        slow = any(t not in MEMORY_TIERS for t in st.tiers[start // cs: -(-min(end, st.prefix_hit) // cs)])
+        if st.segments is not None and end > st.prefix_hit:
+            slow = slow or any(st.segments.tiers[i] not in MEMORY_TIERS for i in st.segments.run)
+        return slow
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
         if st is not None and num_external_tokens > 0:
-            st.pending_load = (st.computed_at_ask, st.computed_at_ask + num_external_tokens)
+            start = st.computed_at_ask
+            end = start + num_external_tokens
+            st.pending_load = (start, end, self._background(st, start, end))
+
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
+        """vLLM's per-source split of the tokens we load: by the slowest tier holding each chunk."""
+        st = self._reqs.get(request.request_id)
+        if st is None or not num_external_tokens or st.pending_load is None:
+            return {}
+        start, cs = st.pending_load[0], self.chunk_size
+        out: dict = {}
+        for pos in range(start, start + num_external_tokens, cs):
+            i = pos // cs
+            source = _HOST_SOURCES.get(st.tiers[i], CacheHitSource.EXTERNAL_UNSPECIFIED) if i < len(st.tiers) \
+                else CacheHitSource.EXTERNAL_UNSPECIFIED  # segment chunks
+            n = min(cs - pos % cs, start + num_external_tokens - pos)
+            out[source] = out.get(source, 0) + n
+        return out
 
     # -- each step ----------------------------------------------------------------------------------------
 
@@ -154,28 +256,35 @@ class SchedulerHalf:
         (ids,) = self.kv_cache_manager.get_block_ids(req_id)
         return ids
 
+    def _plan_load(self, meta: LMCacheCoreMetadata, req_id: str, st: _Request) -> list[int]:
+        start, end, background = st.pending_load
+        block_ids = self._block_ids(req_id)
+        cs, bs = self.chunk_size, self.block_size
+        prefix_end = min(end, max(start, st.prefix_hit))
+        st.pending_load, st.loading, st.loaded_upto = None, (start, prefix_end, end, background), None
+        if prefix_end > start:
+            first, last = start // cs, -(-prefix_end // cs)
+            meta.loads.append(LoadSpec(req_id, st.hashes[first:last], first * cs, start, prefix_end,
+                                       slots_for(block_ids, bs, start, prefix_end), background))
+        if end > prefix_end:
+            meta.segment_loads.append(SegmentLoadSpec(
+                req_id, st.segments.load_pieces(prefix_end, end), prefix_end, end,
+                slots_for(block_ids, bs, prefix_end, end), background))
+        return block_ids
+
     def build_connector_meta(self, scheduler_output) -> LMCacheCoreMetadata:
-        meta = LMCacheCoreMetadata(failures_seen=self._failures_seen)
+        meta = LMCacheCoreMetadata(failures_seen=self._failures_seen,
+                                   idle=not scheduler_output.total_num_scheduled_tokens)
         self._failures_seen = set()
         cs, bs = self.chunk_size, self.block_size
+        for req_id, st in self._reqs.items():  # background loads: their requests are not scheduled
+            if st.pending_load is not None and st.pending_load[2]:
+                self._plan_load(meta, req_id, st)
         for req_id, num_computed in self._scheduled(scheduler_output):
             st = self._reqs.get(req_id)
             if st is None:
                 continue
-            block_ids = None
-            if st.pending_load is not None:
-                start, end = st.pending_load
-                st.pending_load = None
-                block_ids = self._block_ids(req_id)
-                prefix_end = min(end, max(start, st.prefix_hit))
-                if prefix_end > start:
-                    whole = -(-prefix_end // cs) * cs
-                    meta.loads.append(LoadSpec(req_id, st.prompt[:whole], st.namespace, start, prefix_end,
-                                               slots_for(block_ids, bs, start, prefix_end)))
-                if end > prefix_end:
-                    meta.segment_loads.append(SegmentLoadSpec(
-                        req_id, st.segments.load_pieces(prefix_end, end), prefix_end, end,
-                        slots_for(block_ids, bs, prefix_end, end)))
+            block_ids = self._plan_load(meta, req_id, st) if st.pending_load is not None else None
             # Tokens with KV by the end of this step (chunked prefill: maybe not all yet).
             computed = min(num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0), len(st.prompt))
             if st.segments is not None:
@@ -183,35 +292,63 @@ class SchedulerHalf:
                 if todo:
                     block_ids = block_ids if block_ids is not None else self._block_ids(req_id)
                     meta.segment_saves.append(SegmentSaveSpec(
-                        req_id, [(st.segments.keys[i], c.start, c.length) for i, c in todo],
+                        req_id, [(st.segments.hashes[i], c.start, c.length) for i, c in todo],
                         [slots_for(block_ids, bs, c.start, c.end) for _, c in todo]))
+                    self.stats.add("segment_stored_tokens", sum(c.length for _, c in todo))
             done = computed // cs
             if st.prefix_save_limit is not None:
                 done = min(done, st.prefix_save_limit)
             if done > st.stored_chunks:
                 block_ids = block_ids if block_ids is not None else self._block_ids(req_id)
-                meta.saves.append(SaveSpec(req_id, st.prompt[:done * cs], st.namespace,
-                                           slots_for(block_ids, bs, 0, done * cs), st.stored_chunks))
+                first = st.stored_chunks
+                meta.saves.append(SaveSpec(req_id, st.hashes[first:done], slots_for(block_ids, bs, first * cs, done * cs)))
+                self.stats.add("stored_tokens", (done - first) * cs)
                 st.stored_chunks = done
         return meta
 
     def update_connector_output(self, connector_output) -> None:
-        """A failed load: the worker skipped that request's saves; plan them again from the failure on."""
+        """Loads the workers finished, and how far each got. A synchronous load is reported by every rank in
+        its step (vLLM keeps the least position over the ranks); a background one by each rank in the step
+        it finished, and the request is in `finished_recving` once all have. A load that fell short makes
+        the workers skip that request's saves: they are planned again from the failure on."""
         worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
-        for req_id, position in getattr(worker_meta, "failed_loads", {}).items():
-            self._failures_seen.add(req_id)
+        for req_id, upto in getattr(worker_meta, "loads", {}).items():
             st = self._reqs.get(req_id)
-            if st is not None:
-                st.stored_chunks = min(st.stored_chunks, position // self.chunk_size)
+            if st is not None and st.loading is not None:
+                st.loaded_upto = upto if st.loaded_upto is None else min(st.loaded_upto, upto)
+                if not st.loading[3]:
+                    self._load_done(req_id, st)
+        for req_id in getattr(connector_output, "finished_recving", None) or ():
+            st = self._reqs.get(req_id)
+            if st is not None and st.loading is not None and st.loaded_upto is not None:
+                self._load_done(req_id, st)
+
+    def _load_done(self, req_id: str, st: _Request) -> None:
+        start, prefix_end, end, _ = st.loading
+        upto = st.loaded_upto
+        st.loading = st.loaded_upto = None
+        self.stats.add("loaded_tokens", max(0, upto - start))
+        self.stats.add("segment_loaded_tokens", max(0, upto - prefix_end))
+        if upto < end:
+            self.stats.add("load_failed_tokens", end - upto)
+            self._failures_seen.add(req_id)
+            st.stored_chunks = min(st.stored_chunks, upto // self.chunk_size)
 
     def request_finished(self, request) -> tuple[bool, None]:
         st = self._reqs.pop(request.request_id, None)
-        if st is not None:  # chunks it claimed but never stored (aborted, or too short) are free again
-            self.engine.release(st.prompt, owner=request.request_id, namespace=st.namespace, keys=st.keys)
+        if st is not None and st.hashes:  # chunks it claimed but never stored (aborted, or too short) are free
+            self.caches.release(st.hashes, request.request_id)
         return False, None  # saves are copied out of vLLM's blocks during the step: nothing holds the blocks
+
+    def reset_cache(self) -> bool:
+        """Empty the workers' memory tiers (vLLM's POST /reset_prefix_cache?reset_external=true)."""
+        return self.caches.reset()
 
     def take_stats(self) -> LMCacheCoreStats | None:
         return self.stats.take()
+
+    def shutdown(self) -> None:
+        self.client.close()
 
 
 def _tokenizer(vllm_config):

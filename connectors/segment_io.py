@@ -27,13 +27,16 @@ class TokenMover:
             isa = attn_isa(first.dtype, block_size, head_dim)
             self.cpu = (isa, probe_block_layout(isa, first.dtype, block_size, heads, head_dim))
 
-    def scatter(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
+    def scatter(self, kv: torch.Tensor, slots: torch.Tensor, *, first_layer: int = 0) -> None:
+        """kv `[L', 2, N, H, D]`: layers [first_layer, first_layer + L') into `slots`."""
+        layers = range(first_layer, first_layer + kv.shape[0])
         if self.cpu is None:
-            scatter_kv(kv, self.caches, slots, self.layout, validate=False)
+            caches = self.caches if self.layout.has_layers else self.caches[layers.start:layers.stop]
+            scatter_kv(kv, caches, slots, self.layout, validate=False)
             return
         isa, _ = self.cpu
-        for layer, cache in enumerate(self.caches):
-            vllm_reshape_and_cache(cache, kv[layer, 0], kv[layer, 1], slots, isa)
+        for i, layer in enumerate(layers):
+            vllm_reshape_and_cache(self.caches[layer], kv[i, 0], kv[i, 1], slots, isa)
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         if self.cpu is None:

@@ -153,33 +153,34 @@ def request_spans(prompt, params: dict | None, separator: tuple[int, ...] | None
 
 @dataclass
 class SegmentPlan:
-    """One request's segment chunks, which were cached when it was first asked about, the run it loads, and
-    which computed chunks it has stored."""
+    """One request's segment chunks, where they were cached when it was first asked about, the run it loads,
+    and which computed chunks it has stored."""
 
     chunks: list[SegmentChunk]
-    keys: list  # ChunkKey per chunk
-    cached: list[bool]
+    hashes: list[bytes]  # per chunk (segment mode)
+    tiers: list[str | None]  # per chunk: the slowest tier holding it over the workers, None: not cached
     run: list[int] = field(default_factory=list)  # indices of the chunks the accepted load covers
     saved: set[int] = field(default_factory=set)  # indices stored (or cached already)
 
     @classmethod
-    def build(cls, engine, prompt, spans, namespace: str | None) -> "SegmentPlan | None":
-        chunks = segment_chunks(prompt, spans, engine.config.chunk_size, salt=engine.salt(namespace))
+    def build(cls, caches, prompt, spans, namespace: str | None) -> "SegmentPlan | None":
+        """caches: `chunk_size`, `salt(namespace)` and `contains(hashes) -> tiers` of the workers' caches."""
+        chunks = segment_chunks(prompt, spans, caches.chunk_size, salt=caches.salt(namespace))
         if not chunks:
             return None
-        keys = engine.keys_of([c.chunk_hash for c in chunks])
-        cached = engine.contains(keys)
-        return cls(chunks, keys, cached, saved={i for i, hit in enumerate(cached) if hit})
+        hashes = [c.chunk_hash for c in chunks]
+        tiers = caches.contains(hashes)
+        return cls(chunks, hashes, tiers, saved={i for i, t in enumerate(tiers) if t is not None})
 
     def extend(self, start: int, limit: int) -> int:
         """Where the loadable run that exact prefix reuse ended at `start` ends, with cached segment chunks
         (none ending past `limit`); remembers the chunks it uses."""
-        self.run = leading_run(start, self.chunks, self.cached, limit)
+        self.run = leading_run(start, self.chunks, [t is not None for t in self.tiers], limit)
         return self.chunks[self.run[-1]].end if self.run else start
 
     def load_pieces(self, start: int, end: int) -> list[tuple]:
-        """(key, chunk start, tokens) of the run's chunks that overlap [start, end)."""
-        return [(self.keys[i], self.chunks[i].start, self.chunks[i].length) for i in self.run
+        """(hash, chunk start, tokens) of the run's chunks that overlap [start, end)."""
+        return [(self.hashes[i], self.chunks[i].start, self.chunks[i].length) for i in self.run
                 if self.chunks[i].start < end and self.chunks[i].end > start]
 
     def take_saves(self, computed: int) -> list[tuple[int, SegmentChunk]]:

@@ -1,7 +1,7 @@
 """What the connector derives from vLLM's configuration: the cache settings and the KVSpec.
 
-Both halves compute the KVSpec from the same configuration (the worker then checks it against the tensors
-it is handed), so a scheduler in another process finds the keys the workers stored.
+The worker computes its KVSpec from the configuration and checks it against the tensors it is handed; the
+scheduler needs no spec (it hashes prompts; each worker turns hashes into keys of its own spec).
 """
 
 import logging
@@ -104,8 +104,27 @@ def _cpu_isa(vllm_config, attn) -> str:
     return _get_attn_isa(attn.dtype, attn.block_size, attn.head_size, vllm_config.cache_config.cache_dtype)
 
 
-def kv_spec(vllm_config, kv_cache_config, cache: CacheConfig, layout: DetectedLayout, tp_rank: int) -> KVSpec:
-    """The KVSpec both halves key chunks with. Whole-block layouts must have chunks of whole blocks."""
+def parallel_ranks(vllm_config) -> list[tuple[int, int]]:
+    """(pp_rank, tp_rank) of every worker of one instance, the lead rank (0, 0) first."""
+    par = vllm_config.parallel_config
+    return [(pp, tp) for pp in range(par.pipeline_parallel_size) for tp in range(par.tensor_parallel_size)]
+
+
+def worker_rank() -> tuple[int, int]:
+    """This worker's (pp_rank, tp_rank); (0, 0) where no model-parallel group exists (a bare unit test)."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    try:
+        return get_pp_group().rank_in_group, get_tp_group().rank_in_group
+    except AssertionError:
+        return 0, 0
+
+
+def kv_spec(vllm_config, kv_cache_config, cache: CacheConfig, layout: DetectedLayout, *, tp_rank: int = 0,
+            pp_rank: int = 0, first_layer: int = 0) -> KVSpec:
+    """The KVSpec a worker keys its chunks with: the model, the KV geometry this rank holds, and its
+    parallel position (TP rank and size, pipeline stage and count, the stage's first layer). Whole-block
+    layouts must have chunks of whole blocks."""
     spec = attention_spec(kv_cache_config)
     mla = is_mla(spec)
     name = layout.name
@@ -125,4 +144,7 @@ def kv_spec(vllm_config, kv_cache_config, cache: CacheConfig, layout: DetectedLa
         chunk_size=cache.chunk_size,
         tp_rank=tp_rank,
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        pp_rank=pp_rank,
+        pp_size=vllm_config.parallel_config.pipeline_parallel_size,
+        first_layer=first_layer,
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
+from .logs import attach_to_vllm_logging
 from .scheduler import SchedulerHalf
 from .spec import load_settings
 from .stats import LMCacheCorePromMetrics, LMCacheCoreStats
@@ -24,12 +25,13 @@ from .worker import WorkerHalf
 
 log = logging.getLogger(__name__)
 
-CONNECTOR_NAME = "LMCacheCoreConnector"
+CONNECTOR_NAMES = ("LMCacheCoreConnector", "lmcacheconnector")
 
 
 class LMCacheCoreConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
+        attach_to_vllm_logging()
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
         self._scheduler: SchedulerHalf | None = None
         self._worker: WorkerHalf | None = None
@@ -46,26 +48,32 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is a future miss, never a wrong answer
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Layer-wise loads and saves run between attention layers: a full CUDA graph would skip them.
+        return load_settings(extra_config).cache.layerwise != "off"
+
     # -- worker side --------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches):
         self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        self._worker.load(self._get_connector_metadata())
+        self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        self._worker.load(self._get_connector_metadata())  # no-op once start_load_kv ran this step
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return  # every layer is gathered in one kernel call in wait_for_save
+        self._worker.save_kv_layer(layer_name, self._get_connector_metadata())
 
     def wait_for_save(self):
         if self.has_connector_metadata():
-            self._worker.save(self._get_connector_metadata())
+            self._worker.wait_for_save(self._get_connector_metadata())
 
     def get_finished(self, finished_req_ids):
-        return None, None  # nothing outlives its step: no blocks are held after a request finishes
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        return None, (self._worker.get_finished(meta) or None)  # saves hold no blocks past their step
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks()
@@ -74,8 +82,9 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         return self._worker.take_worker_meta()
 
     def shutdown(self):
-        if self._worker is not None:
-            self._worker.shutdown()
+        half = self._worker if self._worker is not None else self._scheduler
+        if half is not None:
+            half.shutdown()
 
     # -- both ---------------------------------------------------------------------------------------------
 
@@ -100,6 +109,9 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int):
+        return self._scheduler.get_external_cache_hit_sources(request, num_external_tokens)
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
@@ -112,13 +124,19 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids):
         return self._scheduler.request_finished(request)
 
+    def reset_cache(self) -> bool:
+        return self._scheduler.reset_cache()  # the workers' memory tiers; disk and Redis are shared, kept
+
 
 def register() -> None:
-    """vLLM plugin (entry point group `vllm.general_plugins`): make "LMCacheCoreConnector" a known name.
+    """vLLM plugin (entry point group `vllm.general_plugins`): make our connector known by name.
 
-    Idempotent: vLLM loads general plugins in every process it starts, sometimes more than once.
+    Both names select it: "LMCacheCoreConnector", and "lmcacheconnector", the name deployment guides for this
+    library use (vLLM's own "LMCacheConnectorV1" is a different connector, LMCache's). Idempotent: vLLM loads
+    general plugins in every process it starts, sometimes more than once.
     """
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    if CONNECTOR_NAME not in KVConnectorFactory._registry:
-        KVConnectorFactory.register_connector(CONNECTOR_NAME, __name__, "LMCacheCoreConnector")
+    for name in CONNECTOR_NAMES:
+        if name not in KVConnectorFactory._registry:
+            KVConnectorFactory.register_connector(name, __name__, "LMCacheCoreConnector")

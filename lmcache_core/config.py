@@ -46,14 +46,24 @@ class CacheConfig:
         "is whole vLLM blocks at the default GPU block size; with larger blocks (vLLM CPU: 128) use a "
         "multiple of the block size.", low=16, high=65536, multiple_of=16)
     max_gpu_cache_ratio: float = _key(
-        0.1, "float", "L1: fraction of the GPU's total memory the device tier may use; 0 = no L1 "
-        "(unless max_device_cache_size is set).", low=0.0, high=0.95)
+        0.1, "float", "L1: fraction of each GPU's total memory the device tier may use, capped at start-up "
+        "at what vLLM left free (minus device_memory_headroom; one warning says so); 0 = no L1 (unless "
+        "max_device_cache_size is set).", low=0.0, high=0.95)
     max_device_cache_size: ByteSize | None = _key(
-        None, "size", "L1: explicit cap; when set it replaces max_gpu_cache_ratio. On a CPU device it is "
-        "the only way to get a separate L1 (null there: L2 serves).", optional=True, low=0, low_open=True)
+        None, "size", "L1: explicit cap per GPU; when set it replaces max_gpu_cache_ratio. On a CPU device it "
+        "is the only way to get a separate L1 (null there: L2 serves), sized per node like L2.",
+        optional=True, low=0, low_open=True)
     max_local_cpu_size: ByteSize = _key(
         ByteSize(5 * GB), "size", "L2: size of the pinned CPU arena, the staging ground of every lower "
-        "tier; 0 = no L2 (allowed only without L3 and L4).")
+        "tier, for the whole node: its worker processes (TP x PP ranks of one vLLM instance) share it, "
+        "1/W each. Shrunk at start-up (one warning) to what the host has left after vLLM's own reservation. "
+        "0 = no L2 (allowed only without L3 and L4).")
+    host_memory_headroom: ByteSize = _key(
+        ByteSize(2 * 2**30), "size", "Host memory the host tiers (L2, a CPU L1) leave free: at start-up they "
+        "are capped at what the OS reports available (after vLLM allocated its KV cache) minus this.")
+    device_memory_headroom: ByteSize = _key(
+        ByteSize(2 * 2**30), "size", "GPU memory L1 leaves free: at start-up L1 is capped at the device's free "
+        "memory (after vLLM allocated its KV cache) minus this.")
     hot_hit_threshold: int = _key(
         3, "int", "Hits after which a chunk becomes hot (not evicted while hot) by itself; 0 = only "
         "chunks stored with pin=True are hot.", low=0)
@@ -130,6 +140,18 @@ class CacheConfig:
         section="performance", low=1.0, high=1000.0)
     batch_size: int = _key(32, "int", "Chunks per batched tier operation (Redis pipeline, disk batch).",
                            section="performance", low=1, high=4096)
+    async_load: bool = _key(
+        True, "bool", "vLLM connector: a request whose hit needs chunks from L3/L4 loads in the background "
+        "(it waits in vLLM's WAITING_FOR_REMOTE_KVS while other requests keep decoding); false = every "
+        "load runs before the forward pass of the step that admits it, and the whole batch waits.",
+        section="performance")
+    layerwise: str = _key(
+        "auto", "choice", "vLLM connector: load and save KV layer by layer (layer i's load overlaps the "
+        "compute of the layers before it; saves go out per layer). auto = on for CUDA, off on CPU (measured "
+        "slower there: no spare cores to overlap with).", section="performance", choices=("auto", "on", "off"))
+    lookup_timeout: float = _key(
+        1.0, "seconds", "vLLM connector: how long the scheduler waits for the workers to answer a lookup; "
+        "past it the request is a miss (it computes).", section="performance", low=0, low_open=True)
 
     def __post_init__(self):
         for key in KEYS:

@@ -2,13 +2,18 @@
 
 Tokens are cut into chunks of `chunk_size`; only full chunks are stored. A chunk's key is its hash
 (`kernels.chunk_hashes`: prefix mode chains over everything before it, segment mode covers its own tokens)
-salted with `cache_salt` and the call's namespace, plus the KV spec's fingerprint. `lookup` answers how many
-leading tokens are available in any tier; `retrieve` copies them out of the fastest tier holding each chunk;
-`retrieve_chunks` hands each chunk to a callback without copying it into a buffer first.
+salted with `cache_salt` and the call's namespace (`keys.chunk_salt`), plus the KV spec's fingerprint.
+`lookup` answers how many leading tokens are available in any tier; `retrieve` copies them out of the
+fastest tier holding each chunk; `retrieve_chunks` hands each chunk to a callback without copying it first.
 
 The single-request calls (lookup, retrieve, retrieve_chunks, store, claim, release, pin, unpin) also take
 `keys=`: the chunk keys `keys()` returned for the same tokens, mode and namespace, so a caller asking
-several times about one request hashes its prompt once.
+several times about one request hashes its prompt once; `store` and `retrieve_chunks` take `keys=` alone
+(token_ids None) when the caller only has the keys of the chunks it moves (a connector's worker).
+
+Memory tiers are sized once, at construction (`budget.plan_memory`: what the configuration asks for, capped
+by what the machine has left), and allocated there when the KV spec is known, so their memory is taken at
+start-up, never in the middle of serving.
 """
 
 import logging
@@ -16,44 +21,58 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from kernels import chunk_hashes
 
 from . import metrics
+from .budget import MemoryPlan, plan_memory
 from .config import CacheConfig
 from .errors import LockTimeoutError
 from .hierarchy import TierStack
-from .keys import ChunkKey, KVSpec
+from .keys import ChunkKey, KVSpec, chunk_salt
 from .singleflight import ChainedLocks, LocalLocks
 from .tiers import build_byte_tiers
 from .tiers import distributed_locks as redis_locks
-from .tiers.memory import ArenaAllocator, MemoryTier, device_allocator
+from .tiers.memory import ArenaAllocator, Held, MemoryTier, device_allocator
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.005  # wait loop for another owner's chunk: 5 ms, well under one prefill step
 
 
+class ClaimState(str, Enum):
+    HIT = "hit"  # every full chunk is cached
+    COMPUTE = "compute"  # the caller holds the locks of the missing chunks: compute them, then store or release
+    BUSY = "busy"  # another owner computes the first missing chunk: ask again later
+
+
 @dataclass(frozen=True)
 class Claim:
-    """The single-flight answer for one token sequence.
+    """The single-flight answer for one token sequence; hit_tokens: leading tokens available now."""
 
-    state: "hit" (every full chunk is cached), "compute" (the caller now holds the locks of the missing
-    chunks: compute them, then `store` or `release`), or "busy" (another owner is computing the first missing
-    chunk: ask again later). hit_tokens: leading tokens available now.
-    """
-
-    state: str
+    state: ClaimState
     hit_tokens: int
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One ask about a request's chunks (`ask`): the name of the fastest tier holding each chunk of the
+    leading run, and the single-flight answer when an owner was given (else None)."""
+
+    tiers: tuple[str, ...]
+    claim: ClaimState | None = None
 
 
 class CacheEngine:
     def __init__(self, config: CacheConfig | None = None, *, spec: KVSpec | None = None,
                  device: torch.device | str | None = None, lock_timeout: float | None = None,
-                 fallback_on_timeout: bool | None = None, byte_tiers=None, distributed_locks=None):
-        """byte_tiers: L3/L4 tiers to use instead of the ones the config describes (None: from config)."""
+                 fallback_on_timeout: bool | None = None, byte_tiers=None, distributed_locks=None,
+                 memory: MemoryPlan | None = None):
+        """byte_tiers: L3/L4 tiers to use instead of the ones the config describes (None: from config).
+        memory: the sizes of L1 and L2 (None: `plan_memory` for one worker, from the machine's figures now)."""
         self.config = config if config is not None else CacheConfig.load()
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -68,31 +87,39 @@ class CacheEngine:
             distributed_locks = distributed_locks or redis_locks(byte_tiers)
         self._local_locks, self._remote_locks = LocalLocks(), distributed_locks
         self.locks = ChainedLocks(*(x for x in (self._local_locks, distributed_locks) if x is not None))
+        self.memory_plan = memory if memory is not None else plan_memory(cfg, self.device)
+        for note in self.memory_plan.notes:
+            log.warning("lmcache: %s", note)
         secret = cfg.cache_secret.encode() if cfg.cache_secret else None
-        self.tiers = TierStack(self._memory_tiers(), list(byte_tiers), codec_name=cfg.effective_codec,
-                               level=cfg.compression_level, min_ratio=cfg.compression_min_ratio,
-                               write_policy=cfg.write_policy, secret=secret, device=self.device)
+        self.tiers = TierStack(self._memory_tiers(self.memory_plan), list(byte_tiers),
+                               codec_name=cfg.effective_codec, level=cfg.compression_level,
+                               min_ratio=cfg.compression_min_ratio, write_policy=cfg.write_policy, secret=secret,
+                               device=self.device)
         self.tiers.expect = self._chunk_layout()
         metrics.register(self, cfg.metrics_port)
 
     # -- construction -----------------------------------------------------------------------------------
 
-    def _memory_tiers(self) -> list[MemoryTier]:
-        cfg = self.config
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            l1_bytes = cfg.max_device_cache_size or int(cfg.max_gpu_cache_ratio * total)
-        else:
-            l1_bytes = cfg.max_device_cache_size or 0  # on a CPU device, L1 is explicit bytes or off
+    def _chunk_bytes(self) -> int | None:
+        if self.spec is None:
+            return None
+        dtype = getattr(torch, self.spec.dtype, None)
+        return torch.Size(self.spec.chunk_shape()).numel() * dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+    def _memory_tiers(self, plan: MemoryPlan) -> list[MemoryTier]:
+        cfg, slot = self.config, self._chunk_bytes()
         protect = dict(hot_hit_threshold=cfg.hot_hit_threshold, hot_ttl=cfg.hot_cache_ttl)
         tiers = []
-        if l1_bytes > 0:
-            tiers.append(MemoryTier("L1", l1_bytes, device_allocator(self.device, l1_bytes),
-                                    max_protected_bytes=int(cfg.max_hot_ratio * l1_bytes), **protect))
-        if cfg.max_local_cpu_size > 0:
-            arena = ArenaAllocator(cfg.max_local_cpu_size, pin=torch.cuda.is_available())
-            tiers.append(MemoryTier("L2", cfg.max_local_cpu_size, arena,
-                                    max_protected_bytes=int(cfg.max_hot_ratio * cfg.max_local_cpu_size),
+        for name, nbytes in (("L1", plan.l1_bytes), ("L2", plan.l2_bytes)):
+            if nbytes <= 0 or (slot is not None and nbytes < slot):
+                continue
+            try:
+                alloc = (device_allocator(self.device, nbytes, slot) if name == "L1" else
+                         ArenaAllocator(nbytes, pin=torch.cuda.is_available(), slot_bytes=slot, commit=True))
+            except (RuntimeError, MemoryError) as e:  # an allocation failure is a tier skipped, never a crash
+                log.warning("lmcache: %s: allocating %d bytes failed (%s); running without %s", name, nbytes, e, name)
+                continue
+            tiers.append(MemoryTier(name, nbytes, alloc, max_protected_bytes=int(cfg.max_hot_ratio * nbytes),
                                     **protect))
         return tiers
 
@@ -122,21 +149,23 @@ class CacheEngine:
 
     def salt(self, namespace: str | None = None) -> bytes:
         """What `keys` mixes into every chunk hash: `cache_salt` and the namespace."""
-        return (self.config.cache_salt + ("\x00" + namespace if namespace else "")).encode()
+        return chunk_salt(self.config.cache_salt, namespace)
 
     def keys_of(self, chunk_hashes_: Sequence[bytes]) -> list[ChunkKey]:
-        """Keys of chunk hashes computed elsewhere (with `salt()`), e.g. a prompt's segment chunks."""
+        """Keys of chunk hashes computed elsewhere (with `salt()`), e.g. by a scheduler in another process."""
         return [ChunkKey(self.spec.fingerprint, h) for h in chunk_hashes_] if self.spec is not None else []
 
     def _keys(self, token_ids, mode: str, namespace: str | None, keys: Sequence[ChunkKey] | None) -> list[ChunkKey]:
-        """`keys` when the caller passed them (checked for length), else `keys()` of the tokens."""
+        """`keys` when the caller passed them (checked for length against token_ids when given), else
+        `keys()` of the tokens."""
         if keys is None or self.spec is None:
+            if token_ids is None:
+                raise TypeError("token_ids: expected token ids, or keys= with token_ids None")
             return self.keys(token_ids, mode=mode, namespace=namespace)
-        full = len(token_ids) // self.config.chunk_size
-        if len(keys) != full:
-            raise ValueError(f"keys: expected {full} chunk keys for {len(token_ids)} tokens (chunk_size="
-                             f"{self.config.chunk_size}), got {len(keys)}; pass keys(token_ids) of the same "
-                             "tokens, mode and namespace")
+        if token_ids is not None and len(keys) != len(token_ids) // self.config.chunk_size:
+            raise ValueError(f"keys: expected {len(token_ids) // self.config.chunk_size} chunk keys for "
+                             f"{len(token_ids)} tokens (chunk_size={self.config.chunk_size}), got {len(keys)}; "
+                             "pass keys(token_ids) of the same tokens, mode and namespace")
         return list(keys)
 
     def _check_kv(self, kv: torch.Tensor) -> None:
@@ -156,16 +185,25 @@ class CacheEngine:
     def lookup(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
                keys: Sequence[ChunkKey] | None = None) -> int:
         """Leading tokens (whole chunks) available in any tier; starts prefetching lower-tier chunks."""
+        keys = self._keys(token_ids, mode, namespace, keys)
+        probe = self.ask(keys, prefetch=self.config.prefetch_enabled)
+        return len(probe.tiers) * self.config.chunk_size
+
+    def ask(self, keys: Sequence[ChunkKey], *, owner: str | None = None, prefetch: bool = False) -> Probe:
+        """Where the leading run of `keys` lives (each tier asked once, in one batched call), and with an
+        `owner`, the single-flight step for the chunks after it (see `claim`). prefetch: start moving the
+        run's lower-tier chunks up into memory. Counted as one lookup in the metrics."""
         with metrics.LATENCY.labels("lookup").time():
-            keys = self._keys(token_ids, mode, namespace, keys)
             run = self.tiers.leading_run(keys)
-            if run and self.config.prefetch_enabled:
+            if run and prefetch:
                 self.tiers.prefetch(keys[: len(run)], run)
+            state = self._claim_missing(keys[len(run):], owner) if owner is not None else None
         cs = self.config.chunk_size
         metrics.LOOKUPS.inc()
         metrics.LOOKUP_TOKENS.inc(len(keys) * cs)
         metrics.HIT_TOKENS.inc(len(run) * cs)
-        return len(run) * cs
+        names = [tier.name for tier in self.tiers.tiers]
+        return Probe(tuple(names[t] for t in run), state)
 
     def _start_chunk(self, start: int) -> int:
         cs = self.config.chunk_size
@@ -174,16 +212,20 @@ class CacheEngine:
         return start // cs
 
     def store(self, token_ids, kv: torch.Tensor, *, start: int = 0, pin: bool = False, mode: str = "prefix",
-              namespace: str | None = None, keys: Sequence[ChunkKey] | None = None) -> int:
+              namespace: str | None = None, keys: Sequence[ChunkKey] | None = None, donate: bool = False) -> int:
         """Store full chunks of `token_ids` from staging `kv` [L, KV, N, H, D]; returns tokens stored.
 
         kv holds the tokens from `start` (a multiple of chunk_size; chunks before it are not touched) to
-        start + N; the chunks that lie wholly inside are stored. pin=True keeps the new entries in memory
-        for `hot_cache_ttl` (hot); `pin()` pins until `unpin()`.
+        start + N; the chunks that lie wholly inside are stored. token_ids None: `keys` are the keys of
+        exactly the chunks kv holds (start must be 0). pin=True keeps the new entries in memory for
+        `hot_cache_ttl` (hot); `pin()` pins until `unpin()`. donate=True: the caller never touches kv again,
+        so the background writes to disk and Redis may read it instead of a copy.
         """
         self._check_kv(kv)
         first = self._start_chunk(start)
         cs = self.config.chunk_size
+        if token_ids is None and first:
+            raise ValueError("start: must be 0 when token_ids is None (keys are those of the chunks kv holds)")
         keys = self._keys(token_ids, mode, namespace, keys)[first: first + kv.shape[2] // cs]
         if not keys:
             return 0
@@ -197,7 +239,7 @@ class CacheEngine:
             # instead of recomputing (released earlier, it could claim them in between and compute them).
             remote = self._remote_locks
             try:
-                self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None,
+                self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None, donate=donate,
                                  on_written=(lambda: remote.release(keys, None)) if remote else None)
             finally:
                 self._local_locks.release(keys, None)
@@ -231,6 +273,7 @@ class CacheEngine:
                         keys: Sequence[ChunkKey] | None = None) -> int:
         """`retrieve` without a buffer: hands chunk i (from `start`, in order) to `consume(i, kv)` straight
         from the tier holding it, and returns the tokens handed over (a leading run of whole chunks).
+        token_ids None: `keys` are the chunks to hand over (start must be 0).
 
         kv: the chunk's staging tensor `[L, KV, chunk_size, H, D]`, on the device of the tier that holds it
         (L1: the engine's device; L2 and decoded L3/L4 chunks: the CPU). It is valid only during the call and
@@ -243,6 +286,18 @@ class CacheEngine:
             got = self.tiers.read_each(keys[: len(run)], consume) if run else 0
         metrics.RETRIEVED_TOKENS.inc(got * self.config.chunk_size)
         return got * self.config.chunk_size
+
+    def open_chunks(self, token_ids=None, *, start: int = 0, mode: str = "prefix", namespace: str | None = None,
+                    keys: Sequence[ChunkKey] | None = None) -> list[Held]:
+        """The leading run of chunks (from `start`) as `Held` chunks: `.tensor` is the chunk's staging tensor
+        on the device of the tier holding it (a memory tier's own entry, not reused until `.close()`, so it
+        may be copied out asynchronously), `.position` where its first token was computed (None: not
+        recorded). Read them, never modify them, close every one. token_ids None: `keys` are the chunks."""
+        with metrics.LATENCY.labels("retrieve").time():
+            keys = self._keys(token_ids, mode, namespace, keys)[self._start_chunk(start):]
+            held = self.tiers.open_each(keys)
+        metrics.RETRIEVED_TOKENS.inc(len(held) * self.config.chunk_size)
+        return held
 
     # -- segment chunks: stored with the position they were computed at, found at any position ----------
 
@@ -268,9 +323,9 @@ class CacheEngine:
         return len(items)
 
     def retrieve_positioned(self, keys: Sequence[ChunkKey],
-                            consume: Callable[[int, torch.Tensor, int], object]) -> int:
+                            consume: Callable[[int, torch.Tensor, int | None], object]) -> int:
         """Hand chunk keys[i] in order to `consume(i, kv, position)` (as `retrieve_chunks` does; position:
-        where its first token was computed, -1 when not recorded) while they are found; returns how many."""
+        where its first token was computed, None when not recorded) while they are found; returns how many."""
         with metrics.LATENCY.labels("retrieve").time():
             got = self.tiers.read_each(list(keys), consume, with_position=True)
         metrics.RETRIEVED_TOKENS.inc(got * self.config.chunk_size)
@@ -291,8 +346,6 @@ class CacheEngine:
         for tier in self.tiers.memory:
             tier.unpin(keys)
 
-    # -- batched forms ----------------------------------------------------------------------------------
-
     def lookup_batch(self, token_lists: Sequence, *, mode: str = "prefix", namespace: str | None = None) -> list[int]:
         """`lookup` for many requests with one batched call per tier (shared prefixes asked once)."""
         per_request = [self.keys(t, mode=mode, namespace=namespace) for t in token_lists]
@@ -309,43 +362,38 @@ class CacheEngine:
             metrics.HIT_TOKENS.inc(run * cs)
         return hits
 
-    def retrieve_batch(self, token_lists: Sequence, **kw) -> list[tuple[int, torch.Tensor | None]]:
-        return [self.retrieve(t, **kw) for t in token_lists]
-
-    def store_batch(self, items: Sequence[tuple], **kw) -> list[int]:
-        return [self.store(t, kv, **kw) for t, kv in items]
-
     # -- single-flight ----------------------------------------------------------------------------------
 
     def claim(self, token_ids, *, owner: str | None = None, mode: str = "prefix",
               namespace: str | None = None, keys: Sequence[ChunkKey] | None = None) -> Claim:
-        """Non-blocking single-flight step (see `Claim`). owner: who computes (e.g. a request id);
+        """Non-blocking single-flight step (see `ClaimState`). owner: who computes (e.g. a request id);
         defaults to this engine."""
-        owner = self._owner(owner)
         keys = self._keys(token_ids, mode, namespace, keys)
         hit = len(self.tiers.leading_run(keys))
-        missing = keys[hit:]
+        return Claim(self._claim_missing(keys[hit:], owner), hit * self.config.chunk_size)
+
+    def _claim_missing(self, missing: Sequence[ChunkKey], owner: str | None) -> ClaimState:
+        """The single-flight step for the chunks the tiers lack: one call to the locks (one pipelined Redis
+        round trip at most)."""
         if not missing:
-            return Claim("hit", hit * self.config.chunk_size)
-        if self.locks.held_by_other(missing[:1], owner)[0]:
+            return ClaimState.HIT
+        grant = self.locks.claim(list(missing), self._owner(owner), ttl=self._lock_ttl)
+        if grant.busy:
             metrics.LOCK_WAITS.inc()
-            return Claim("busy", hit * self.config.chunk_size)
-        taken = self.locks.acquire(missing, owner, ttl=self._lock_ttl)
-        if not taken[0]:
-            return Claim("busy", hit * self.config.chunk_size)
-        return Claim("compute", hit * self.config.chunk_size)
+            return ClaimState.BUSY
+        return ClaimState.COMPUTE
 
     def wait_claim(self, token_ids, *, timeout: float | None = None, **kw) -> Claim:
         """Blocking form: wait up to `timeout` (default lock_timeout) while another owner computes."""
         deadline = time.monotonic() + (self.lock_timeout if timeout is None else timeout)
         while True:
             claim = self.claim(token_ids, **kw)
-            if claim.state != "busy":
+            if claim.state != ClaimState.BUSY:
                 return claim
             if time.monotonic() >= deadline:
                 metrics.LOCK_TIMEOUTS.inc()
                 if self.fallback_on_timeout:
-                    return Claim("compute", claim.hit_tokens)  # compute without the lock
+                    return Claim(ClaimState.COMPUTE, claim.hit_tokens)  # compute without the lock
                 raise LockTimeoutError(f"another instance kept computing these chunks past "
                                        f"lock_timeout={self.lock_timeout}s (fallback_on_timeout is off)")
             time.sleep(_POLL_S)
@@ -380,11 +428,18 @@ class CacheEngine:
                                   entries=u.entries, pinned_bytes=u.pinned_bytes)
         return out
 
-    def clear(self) -> None:
-        self.tiers.clear()
+    def locks_held(self) -> int:
+        """Single-flight locks this process holds for its owners now (0 once every claim was stored or
+        released)."""
+        return self._local_locks.held_count()
+
+    def clear(self, memory_only: bool = False) -> None:
+        """Remove every entry (memory_only: from L1 and L2 only; disk and Redis keep theirs)."""
+        self.tiers.clear(memory_only=memory_only)
 
     def close(self) -> None:
         self.tiers.close()
+        metrics.unregister(self)
 
     def __enter__(self):
         return self

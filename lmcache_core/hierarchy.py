@@ -22,7 +22,7 @@ from . import codec
 from .errors import CorruptChunkError
 from .keys import ChunkKey
 from .tiers.base import Tier
-from .tiers.memory import MemoryTier
+from .tiers.memory import Held, MemoryTier
 
 log = logging.getLogger(__name__)
 
@@ -103,36 +103,53 @@ class TierStack:
                   with_position: bool = False) -> int:
         """Hand chunk `keys[i]` to `consume(i, kv)` in order; returns how many leading chunks were handed over.
 
-        kv is valid only during the call: a memory tier's own entry (see `MemoryTier.read_with`: read it,
-        never modify or keep it), or a chunk just decoded on the CPU. Memory tiers hold chunks on their own
-        device (L1: the engine's; L2: the CPU). with_position: consume(i, kv, position), the position the
-        chunk's first token was computed at (-1: not recorded)."""
+        kv is valid only during the call (see `open_each`). with_position: consume(i, kv, position), the
+        position the chunk's first token was computed at (None: not recorded)."""
         for i, key in enumerate(keys):
-            future = self._prefetching.get(key)
-            if future is not None:
-                future.result()  # a prefetch of this chunk is in flight: let it land in memory first
-            if with_position:
-                found = self._read_one(key, lambda kv, pos, i=i: consume(i, kv, pos))
-            else:
-                found = self._read_one(key, lambda kv, _pos, i=i: consume(i, kv))
-            if not found:
+            held = self.open_one(key)
+            if held is None:
                 return i
+            try:
+                if with_position:
+                    consume(i, held.tensor, held.position)
+                else:
+                    consume(i, held.tensor)
+            finally:
+                held.close()
         return len(keys)
 
-    def _read_one(self, key: ChunkKey, consume: Callable[[torch.Tensor, int], object]) -> bool:
-        """consume(kv, position) from the fastest tier holding `key`, then copy it into the memory tiers
-        above that one. Each tier is asked once, fastest first, so its hit and miss counters stay exact."""
+    def open_each(self, keys: Sequence[ChunkKey]) -> list[Held]:
+        """The leading run of `keys` as held chunks (stops at the first one no tier has): each from the
+        fastest tier holding it, a memory tier's own entry (not reused until `close()`) or a chunk just
+        decoded on the CPU. Read them, never modify them; close every one. Memory tiers hold chunks on their
+        own device (L1: the engine's; L2: the CPU). Closing copies a chunk into the memory tiers above the
+        one it came from (promotion)."""
+        out = []
+        for key in keys:
+            held = self.open_one(key)
+            if held is None:
+                break
+            out.append(held)
+        return out
+
+    def open_one(self, key: ChunkKey) -> Held | None:
+        """One chunk from the fastest tier holding it (see `open_each`). Each tier is asked once, fastest
+        first, so its hit and miss counters stay exact; a prefetch of it in flight lands first."""
+        future = self._prefetching.get(key)
+        if future is not None:
+            future.result()
         for level, tier in enumerate(self.memory):
-            if tier.read_with(key, consume, with_position=True):
-                self._promote_from(tier, key, above=level)
-                return True
+            held = tier.open(key)
+            if held is not None:
+                if level:
+                    return Held(held.tensor, held.position,
+                                lambda: (held.close(), self._promote_from(tier, key, above=level)))
+                return held
         found = self._fetch_bytes(key, with_position=True)
         if found is None:
-            return False
+            return None
         kv, position = found
-        consume(kv, position)
-        self._promote(key, kv, above=len(self.memory), position=position)
-        return True
+        return Held(kv, position, lambda: self._promote(key, kv, above=len(self.memory), position=position))
 
     def _fetch_bytes(self, key: ChunkKey, out: torch.Tensor | None = None, *, with_position: bool = False):
         """Read and decode `key` from the first byte tier that has a valid copy, or None. Decoded into `out`
@@ -148,7 +165,8 @@ class TierStack:
         """codec.decode of key's bytes from `tier`: (kv, position), or None for a chunk that fails
         verification (deleted from `tier` and counted)."""
         try:
-            return codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
+            kv, position = codec.decode(buf, key.raw, secret=self.secret, expect=self.expect, out=out)
+            return kv, (None if position < 0 else position)  # the stored header says -1 for "not recorded"
         except CorruptChunkError as e:
             log.warning("%s: chunk %s failed verification (%s); deleted, counted as a miss", tier.name,
                         key.name, e)
@@ -156,7 +174,7 @@ class TierStack:
             tier.delete([key])
             return None
 
-    def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int, position: int = -1) -> None:
+    def _promote(self, key: ChunkKey, kv: torch.Tensor, above: int, position: int | None = None) -> None:
         for tier in self.memory[:above]:
             tier.put([(key, kv)], positions=[position])
 
@@ -165,7 +183,7 @@ class TierStack:
         another is taken; the copies are not counted as hits of `source`)."""
         if not above:
             return
-        positions: list[int] = []  # the position recorded with the very entry copied
+        positions: list[int | None] = []  # the position recorded with the very entry copied
         if self.expect is None:  # the chunk's shape is unknown here: take a copy first
             copies: list[torch.Tensor] = []
             if source.read_with(key, lambda t, pos: (copies.append(t.clone()), positions.append(pos)),
@@ -179,7 +197,7 @@ class TierStack:
                                     with_position=True)
 
         for tier in self.memory[:above]:
-            tier.put_with(key, shape, dtype, fill, position=lambda: positions[-1] if positions else -1)
+            tier.put_with(key, shape, dtype, fill, position=lambda: positions[-1] if positions else None)
 
     def bring_into_memory(self, keys: Sequence[ChunkKey]) -> None:
         """Promote keys that only byte tiers hold into the memory tiers (synchronously)."""
@@ -236,7 +254,7 @@ class TierStack:
                 self._promote(key, found[0], above=len(self.memory), position=found[1])
             return
         shape, dtype = self.expect
-        positions: list[int] = []
+        positions: list[int | None] = []
 
         def fill(dst: torch.Tensor) -> bool:
             found = self._decode(tier, key, buf, dst)
@@ -245,7 +263,7 @@ class TierStack:
 
         for level in reversed(range(len(self.memory))):
             held = self.memory[level].put_with(key, shape, dtype, fill,
-                                               position=lambda: positions[-1] if positions else -1)
+                                               position=lambda: positions[-1] if positions else None)
             if held is not None:  # None: no room in this tier, try the one above
                 if held:
                     self._promote_from(self.memory[level], key, above=level)
@@ -254,22 +272,29 @@ class TierStack:
     # -- writes -----------------------------------------------------------------------------------------
 
     def store(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
-              on_written=None, positions: Sequence[int] | None = None) -> None:
+              on_written=None, positions: Sequence[int | None] | None = None, donate: bool = False) -> None:
         """Store chunks per the write policy; byte tiers are written in the background (see `flush`).
         `on_written()` runs once every tier that will get the chunks now has them. positions: where each
-        chunk's first token was computed (kept with segment chunks; -1 or None: not recorded)."""
-        positions = list(positions) if positions is not None else [-1] * len(items)
-        if self.memory and items:
-            self.memory[0].put(items, hot_ttl=hot_ttl, positions=positions)
-        to_bytes = self.byte_tiers and items and (self.write_policy == "write_through" or not self.memory)
-        if self.write_policy == "write_through":
-            for tier in self.memory[1:]:
+        chunk's first token was computed (kept with segment chunks; None: not recorded). donate: the
+        caller never touches the tensors again, so the background writer reads them without a copy (CPU).
+        A memory tier that cannot take a chunk (full, allocation failure) is skipped for it: the other
+        tiers still get it."""
+        positions = list(positions) if positions is not None else [None] * len(items)
+        targets = self.memory[:1] if self.write_policy == "write_back" else self.memory
+        for tier in targets:
+            try:
                 tier.put(items, hot_ttl=hot_ttl, positions=positions)
+            except (RuntimeError, MemoryError) as e:  # a tier that fails is skipped, never a lost store
+                log.warning("%s: storing %d chunks failed (%s); skipped for them", tier.name, len(items), e)
+        to_bytes = self.byte_tiers and items and (self.write_policy == "write_through" or not self.memory)
         if not to_bytes:
             if on_written is not None:
                 on_written()
             return
-        cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
+        if donate and all(kv.device.type == "cpu" for _, kv in items):
+            cpu_items = list(items)
+        else:
+            cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
         future = self._writer.submit(self._write_bytes, cpu_items, on_written, positions)
         with self._lock:
             self._pending_writes.add(future)
@@ -281,13 +306,13 @@ class TierStack:
         if future.exception() is not None:
             log.error("background write failed: %r", future.exception())
 
-    def _encode(self, key: ChunkKey, kv: torch.Tensor, position: int) -> bytes:
+    def _encode(self, key: ChunkKey, kv: torch.Tensor, position: int | None) -> bytes:
         return codec.encode(key.raw, kv, self.codec, level=self.level, min_ratio=self.min_ratio,
-                            secret=self.secret, position=position)
+                            secret=self.secret, position=-1 if position is None else position)
 
     def _write_bytes(self, items, on_written=None, positions=None) -> None:
         """Write each chunk to every byte tier that lacks it (encoding each chunk at most once)."""
-        positions = positions if positions is not None else [-1] * len(items)
+        positions = positions if positions is not None else [None] * len(items)
         try:
             keys = [key for key, _ in items]
             missing = [tier.contains(keys) for tier in self.byte_tiers]
@@ -322,9 +347,9 @@ class TierStack:
         for tier in self.tiers:
             tier.delete(keys)
 
-    def clear(self) -> None:
+    def clear(self, memory_only: bool = False) -> None:
         self.flush()
-        for tier in self.tiers:
+        for tier in (self.memory if memory_only else self.tiers):
             tier.clear()
 
     def close(self) -> None:

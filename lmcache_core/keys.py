@@ -1,8 +1,9 @@
 """Chunk keys: which model, KV layout and token chunk a stored entry belongs to.
 
 A key is `(KVSpec fingerprint, chunk hash)`. The spec fingerprint covers everything that makes two caches'
-bytes incompatible (model, dtype, layout, L, H, D, chunk size, tensor-parallel rank), so two models or
-layouts never share an entry. The chunk hash comes from `kernels.chunk_hashes` (prefix or segment mode,
+bytes incompatible (model, dtype, layout, L, H, D, chunk size, and the parallel position: tensor-parallel
+rank and size, pipeline stage and stage count), so two models, layouts, TP ranks or pipeline stages never
+share an entry. The chunk hash comes from `kernels.chunk_hashes` (prefix or segment mode,
 salted with the tenant namespace). Storage names are hex digests: no token id or text ever reaches a file
 name or a Redis key.
 """
@@ -27,9 +28,12 @@ class KVSpec:
     chunk_size: int
     tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0  # pipeline stage
+    pp_size: int = 1
+    first_layer: int = 0  # the model's index of this stage's first layer: the stage holds [first, first + L)
 
     def __post_init__(self):
-        for name in ("num_layers", "num_kv", "num_heads", "head_dim", "chunk_size", "tp_size"):
+        for name in ("num_layers", "num_kv", "num_heads", "head_dim", "chunk_size", "tp_size", "pp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"KVSpec.{name}: expected a positive int, got {value!r}")
@@ -37,6 +41,10 @@ class KVSpec:
             raise ValueError(f"KVSpec.num_kv: expected 1 (MLA) or 2, got {self.num_kv}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"KVSpec.tp_rank: expected 0 <= tp_rank < tp_size={self.tp_size}, got {self.tp_rank}")
+        if not isinstance(self.first_layer, int) or self.first_layer < 0:
+            raise ValueError(f"KVSpec.first_layer: expected an int >= 0, got {self.first_layer!r}")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"KVSpec.pp_rank: expected 0 <= pp_rank < pp_size={self.pp_size}, got {self.pp_rank}")
 
     def chunk_shape(self, num_tokens: int | None = None) -> tuple[int, ...]:
         """Staging shape of one chunk: [L, KV, N, H, D] ([L, 1, N, D] for MLA)."""
@@ -48,9 +56,17 @@ class KVSpec:
     def fingerprint(self) -> bytes:
         """16 bytes identifying the spec: blake2b over its fields, '\\x1f'-separated, in declaration order."""
         fields = (self.model, self.dtype, self.layout, self.num_layers, self.num_kv, self.num_heads,
-                  self.head_dim, self.chunk_size, self.tp_rank, self.tp_size)
+                  self.head_dim, self.chunk_size, self.tp_rank, self.tp_size, self.pp_rank, self.pp_size,
+                  self.first_layer)
         text = "\x1f".join(str(f) for f in fields)
         return hashlib.blake2b(text.encode(), digest_size=16, person=b"lmcache-kvspec").digest()
+
+
+def chunk_salt(cache_salt: str, namespace: str | None = None) -> bytes:
+    """What every chunk hash is salted with: the configured `cache_salt` and the call's namespace (tenant,
+    LoRA adapter, request salt). The scheduler (which hashes prompts) and the engine (which stores them)
+    must agree on it byte for byte."""
+    return (cache_salt + ("\x00" + namespace if namespace else "")).encode()
 
 
 @dataclass(frozen=True)

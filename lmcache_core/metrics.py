@@ -1,9 +1,11 @@
-"""Prometheus metrics, in prometheus-client's default registry (so an engine's own /metrics, e.g. vLLM's,
-shows them too), and on `metrics_port` when configured.
+"""Prometheus metrics of the cache engines of this process: added to prometheus-client's default registry
+when the process creates its first engine (never at import: a process that only imports the package, like
+vLLM's API server, shows no lmcache_* line), and served on `metrics_port` when configured.
 
 Tier counters live as plain integers in each tier (`TierStats`); a collector reads every live engine's
 tiers at scrape time and sums them per tier. Request-level figures (lookups, hit tokens, lock waits) and
-latency histograms are updated by the engine as it works.
+latency histograms are updated by the engine as it works. Under vLLM the connector ships its own figures to
+the server's /metrics (connectors/stats.py); these are the engine's view, per process.
 """
 
 import threading
@@ -14,14 +16,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
-LOOKUPS = Counter("lmcache_lookups", "Lookups answered (one per request prompt).")
-LOOKUP_TOKENS = Counter("lmcache_lookup_tokens", "Full-chunk tokens asked for in lookups.")
-HIT_TOKENS = Counter("lmcache_hit_tokens", "Tokens found in some tier by lookups.")
-RETRIEVED_TOKENS = Counter("lmcache_retrieved_tokens", "Tokens copied out by retrieve.")
-STORED_TOKENS = Counter("lmcache_stored_tokens", "Tokens of new chunks stored.")
-LOCK_WAITS = Counter("lmcache_lock_waits", "Claims answered 'busy': another owner was computing the chunk.")
-LOCK_TIMEOUTS = Counter("lmcache_lock_timeouts", "Waits that passed lock_timeout.")
-LATENCY = Histogram("lmcache_op_seconds", "Latency of engine operations.", ["op"], buckets=_LATENCY_BUCKETS)
+# Created unregistered (registry=None); `register` adds them to the default registry with the first engine.
+LOOKUPS = Counter("lmcache_lookups", "Lookups answered (one per request prompt).", registry=None)
+LOOKUP_TOKENS = Counter("lmcache_lookup_tokens", "Full-chunk tokens asked for in lookups.", registry=None)
+HIT_TOKENS = Counter("lmcache_hit_tokens", "Tokens found in some tier by lookups.", registry=None)
+RETRIEVED_TOKENS = Counter("lmcache_retrieved_tokens", "Tokens copied out by retrieve.", registry=None)
+STORED_TOKENS = Counter("lmcache_stored_tokens", "Tokens of new chunks stored.", registry=None)
+LOCK_WAITS = Counter("lmcache_lock_waits", "Claims answered 'busy': another owner was computing the chunk.",
+                     registry=None)
+LOCK_TIMEOUTS = Counter("lmcache_lock_timeouts", "Waits that passed lock_timeout.", registry=None)
+LATENCY = Histogram("lmcache_op_seconds", "Latency of engine operations.", ["op"], buckets=_LATENCY_BUCKETS,
+                    registry=None)
+_METRICS = (LOOKUPS, LOOKUP_TOKENS, HIT_TOKENS, RETRIEVED_TOKENS, STORED_TOKENS, LOCK_WAITS, LOCK_TIMEOUTS, LATENCY)
 
 _engines: "weakref.WeakSet" = weakref.WeakSet()
 _lock = threading.Lock()
@@ -68,14 +74,24 @@ class _TierCollector:
 
 
 _collector = _TierCollector()
-REGISTRY.register(_collector)
+_registered = False
 
 
 def register(engine, port: int | None) -> None:
-    """Include `engine` in scrapes; serve /metrics on `port` (once per process and port)."""
-    _engines.add(engine)
-    if port is None:
-        return
+    """Include `engine` in scrapes (the first engine of the process adds the metrics to the default
+    registry); serve /metrics on `port` (once per process and port)."""
+    global _registered
     with _lock:
-        if port not in _servers:
+        if not _registered:
+            for metric in (*_METRICS, _collector):
+                REGISTRY.register(metric)
+            _registered = True
+        _engines.add(engine)
+        if port is not None and port not in _servers:
             _servers[port] = start_http_server(port)
+
+
+def unregister(engine) -> None:
+    """Leave `engine` out of scrapes (closed); the process's counters and /metrics server stay."""
+    with _lock:
+        _engines.discard(engine)

@@ -105,6 +105,12 @@ class LocalLocks:
         with self._lock:
             return [self._holder(k, now) not in (None, owner) for k in keys]
 
+    def held_count(self) -> int:
+        """Locks held now (expired ones not counted)."""
+        now = self._clock()
+        with self._lock:
+            return sum(1 for key in list(self._held) if self._holder(key, now) is not None)
+
 
 class ChainedLocks:
     """Local locks first (cheap, exact within the process), then the distributed ones. A key is held only

@@ -10,6 +10,7 @@ needed, least recently used unprotected entries are evicted; the `on_evict` call
 sees each victim first, so it can demote it to a lower tier (write-back).
 """
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 
@@ -19,42 +20,61 @@ from ..eviction import LRUPolicy
 from ..keys import ChunkKey
 from .base import Tier, TierUsage
 
-
-class TensorAllocator:
-    """Each entry its own tensor on `device` (the device's caching allocator does the pooling)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def alloc(self, shape, dtype) -> torch.Tensor | None:
-        return torch.empty(shape, dtype=dtype, device=self.device)
-
-    def free(self, t: torch.Tensor) -> None:
-        pass
+log = logging.getLogger(__name__)
 
 
 class ArenaAllocator:
-    """One CPU buffer (pinned when CUDA is present) cut into equal slots: no fragmentation, no allocation
-    on the hot path. Chunks of one model all have one size, so the slot is sized by the first entry;
-    a larger entry is refused (it goes to the lower tiers instead).
+    """One buffer cut into equal slots: no fragmentation and no allocation on the hot path.
+
+    Chunks of one model all have one size. With `slot_bytes` (the engine knows its chunk size) the whole
+    arena is allocated here, at start-up, and `commit` touches every page so the memory is really taken
+    now (a host tier must never leave the kernel to find the memory later). Without it the arena is
+    allocated on the first entry, sized by that entry. A larger entry, or one that finds no free slot, is
+    refused (`alloc` returns None): the caller skips this tier for that chunk.
+
+    device: the CPU (L2, or L1 of a CPU engine) or a GPU (L1: one device allocation for the whole tier).
+    pin: page-lock a CPU arena for fast, asynchronous copies to and from the GPU. It is registered with
+    `cudaHostRegister` rather than allocated by torch's pinned allocator, which rounds every request up
+    to a power of two (5 GB would take 8 GiB).
     """
 
-    def __init__(self, capacity: int, pin: bool):
-        self.capacity = capacity
-        self._pin = pin
-        self._arena: torch.Tensor | None = None  # allocated on first use, at the first entry's slot size
+    def __init__(self, capacity: int, pin: bool = False, *, device: torch.device | str = "cpu",
+                 slot_bytes: int | None = None, commit: bool = False):
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self._pin = pin and self.device.type == "cpu"
+        self._commit = commit
+        self._arena: torch.Tensor | None = None
+        self._registered = False
         self._slot_bytes = 0
         self._free: list[int] = []
         self._slot_of: dict[int, int] = {}  # data_ptr -> slot
+        if slot_bytes is not None and 0 < slot_bytes <= self.capacity:
+            self._init(slot_bytes)
+
+    @property
+    def slots(self) -> int:
+        return self.capacity // self._slot_bytes if self._slot_bytes else 0
 
     def _init(self, nbytes: int) -> None:
         slots = self.capacity // nbytes
+        make = torch.zeros if self._commit else torch.empty
+        self._arena = make(slots * nbytes, dtype=torch.uint8, device=self.device)
+        if self._pin:
+            self._register()
         self._slot_bytes = nbytes
-        self._arena = torch.empty(slots * nbytes, dtype=torch.uint8, pin_memory=self._pin)
         self._free = list(range(slots - 1, -1, -1))
 
+    def _register(self) -> None:
+        """Page-lock the arena in place (CUDA only); a failure leaves it pageable, with a warning."""
+        err = torch.cuda.cudart().cudaHostRegister(self._arena.data_ptr(), self._arena.numel(), 0)
+        self._registered = int(err) == 0
+        if not self._registered:
+            log.warning("cudaHostRegister of a %d-byte arena failed (error %s): host<->device copies from it "
+                        "are synchronous", self._arena.numel(), err)
+
     def alloc(self, shape, dtype) -> torch.Tensor | None:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         if self._arena is None:
             if nbytes > self.capacity or nbytes == 0:
                 return None
@@ -73,12 +93,34 @@ class ArenaAllocator:
         """Bytes an entry of `nbytes` occupies (a whole slot)."""
         return max(nbytes, self._slot_bytes)
 
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._arena.data_ptr())
+            self._registered = False
+        self._arena = None
+        self._free, self._slot_of = [], {}
 
-def device_allocator(device: torch.device, capacity: int):
-    """L1's allocator: CUDA's caching allocator pools the entries; torch's CPU allocator hands every
-    multi-megabyte tensor fresh pages, so a CPU L1 is one arena like L2 (promoting an 11.8 MB chunk into
-    fresh pages took 16 ms in bench.ttft ours-L3 on 2 cores)."""
-    return TensorAllocator(device) if device.type == "cuda" else ArenaAllocator(capacity, pin=False)
+
+def device_allocator(device: torch.device, capacity: int, slot_bytes: int | None = None) -> ArenaAllocator:
+    """L1's allocator: one arena on the device, allocated once (no per-entry device allocation after
+    vLLM has sized its KV cache; on the CPU, torch's allocator would also hand every multi-megabyte entry
+    fresh pages: promoting an 11.8 MB chunk into fresh pages took 16 ms in bench.ttft ours-L3 on 2 cores)."""
+    return ArenaAllocator(capacity, device=device, slot_bytes=slot_bytes, commit=device.type == "cpu")
+
+
+class Held:
+    """A chunk being read: the tensor (a tier's own entry, or a chunk decoded for this read), the position
+    recorded with it (None: not recorded), and `close()`, which lets its tier reuse the memory."""
+
+    __slots__ = ("tensor", "position", "_release")
+
+    def __init__(self, tensor: torch.Tensor, position: int | None, release: Callable[[], None] | None = None):
+        self.tensor, self.position, self._release = tensor, position, release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class MemoryTier(Tier[torch.Tensor]):
@@ -90,7 +132,7 @@ class MemoryTier(Tier[torch.Tensor]):
         self.device = getattr(allocator, "device", torch.device("cpu"))
         self._alloc = allocator
         self._entries: dict[ChunkKey, torch.Tensor] = {}
-        self._positions: dict[ChunkKey, int] = {}  # where an entry's first token was computed, when known
+        self._positions: dict[ChunkKey, int] = {}  # where an entry's first token was computed, when recorded
         self._policy = LRUPolicy(max_protected_bytes, hot_hit_threshold, hot_ttl)
         self._used = 0
         self._readers: dict[int, int] = {}  # entry data_ptr -> readers in read_with right now
@@ -113,37 +155,48 @@ class MemoryTier(Tier[torch.Tensor]):
                 out.append(None if t is None else t.clone())
         return out
 
-    def read_with(self, key: ChunkKey, fn: Callable[..., object], *, count: bool = True,
-                  with_position: bool = False) -> bool:
-        """Call fn(entry) with the stored tensor itself (no copy: fn must only read it, and must not keep it);
-        False for a miss. fn runs outside the lock; an entry evicted or deleted meanwhile keeps its memory
-        until fn returns. count=False: an internal copy (promotion), kept out of the hit/miss counters and
-        recency. with_position: fn(entry, position), the position recorded with this very entry."""
+    def open(self, key: ChunkKey, *, count: bool = True) -> "Held | None":
+        """The stored entry itself, held: until `Held.close()` its memory is not reused, even if the entry
+        is evicted or deleted meanwhile (so a reader may copy out of it asynchronously and close once the
+        copy is done). Read it only, never keep it past close. None for a miss. count=False: an internal
+        copy (promotion), kept out of the hit/miss counters and recency."""
         with self._lock:
             t = self._hit(key) if count else self._entries.get(key)
             if t is None:
-                return False
-            position = self._positions.get(key, -1)
+                return None
             ptr = t.data_ptr()
             self._readers[ptr] = self._readers.get(ptr, 0) + 1
+            return Held(t, self._positions.get(key), lambda: self._release(ptr))
+
+    def _release(self, ptr: int) -> None:
+        with self._lock:
+            left = self._readers.pop(ptr) - 1
+            if left:
+                self._readers[ptr] = left
+            elif ptr in self._retired:  # removed while held: its memory is free now
+                self._alloc.free(self._retired.pop(ptr))
+
+    def read_with(self, key: ChunkKey, fn: Callable[..., object], *, count: bool = True,
+                  with_position: bool = False) -> bool:
+        """Call fn(entry) with the stored tensor itself (no copy: fn must only read it, and must not keep it);
+        False for a miss. fn runs outside the lock (see `open`). with_position: fn(entry, position), the
+        position recorded with this very entry (or None)."""
+        held = self.open(key, count=count)
+        if held is None:
+            return False
         try:
             if with_position:
-                fn(t, position)
+                fn(held.tensor, held.position)
             else:
-                fn(t)
+                fn(held.tensor)
         finally:
-            with self._lock:
-                left = self._readers.pop(ptr) - 1
-                if left:
-                    self._readers[ptr] = left
-                elif ptr in self._retired:  # removed while read: its memory is free now
-                    self._alloc.free(self._retired.pop(ptr))
+            held.close()
         return True
 
-    def position(self, key: ChunkKey) -> int:
-        """The position the entry's first token was computed at (segment chunks), or -1 (unknown/absent)."""
+    def position(self, key: ChunkKey) -> int | None:
+        """The position the entry's first token was computed at (segment chunks); None: not recorded."""
         with self._lock:
-            return self._positions.get(key, -1)
+            return self._positions.get(key)
 
     def read_into(self, items: Sequence[tuple[ChunkKey, torch.Tensor]]) -> list[bool]:
         """Copy each key's tensor into its destination (any device) under the lock; False for a miss."""
@@ -202,15 +255,16 @@ class MemoryTier(Tier[torch.Tensor]):
             self._alloc.free(t)
 
     def put(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
-            positions: Sequence[int] | None = None) -> list[bool]:
+            positions: Sequence[int | None] | None = None) -> list[bool]:
         """Copy each tensor in; with `hot_ttl`, the new entries are hot for that long (pin=True stores);
-        `positions`: where each chunk's first token was computed (segment chunks), -1 for unknown."""
-        positions = positions if positions is not None else [-1] * len(items)
+        `positions`: where each chunk's first token was computed (segment chunks), None: not recorded."""
+        positions = positions if positions is not None else [None] * len(items)
         return [bool(self.put_with(key, src.shape, src.dtype, lambda dst, src=src: dst.copy_(src) is not None,
                                    hot_ttl=hot_ttl, position=pos)) for (key, src), pos in zip(items, positions)]
 
     def put_with(self, key: ChunkKey, shape, dtype: torch.dtype, fill: Callable[[torch.Tensor], bool], *,
-                 hot_ttl: float | None = None, position: int | Callable[[], int] = -1) -> bool | None:
+                 hot_ttl: float | None = None,
+                 position: int | None | Callable[[], int | None] = None) -> bool | None:
         """Store an entry of `shape` and `dtype` whose bytes `fill(dst)` writes, outside the lock; the key
         becomes visible once fill returned True. Returns True when the key is held now (already held: fill
         is not called), False when fill returned False (nothing stored), None when there is no room (fill
@@ -219,7 +273,7 @@ class MemoryTier(Tier[torch.Tensor]):
             if key in self._entries:
                 self._policy.touch(key)
                 return True
-            nbytes = self._entry_bytes(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+            nbytes = self._entry_bytes(torch.Size(shape).numel() * dtype.itemsize)
             dst = self._alloc.alloc(shape, dtype) if self._make_room(nbytes) else None
             if dst is None:
                 return None
@@ -235,7 +289,7 @@ class MemoryTier(Tier[torch.Tensor]):
                 else:
                     self._entries[key] = dst
                     pos = position() if callable(position) else position
-                    if pos >= 0:
+                    if pos is not None:
                         self._positions[key] = pos
                     self._policy.add(key, self._nbytes(dst))
                     if hot_ttl is not None:
@@ -266,3 +320,9 @@ class MemoryTier(Tier[torch.Tensor]):
         with self._lock:
             for k in list(self._entries):
                 self._remove(k)
+
+    def close(self) -> None:
+        self.clear()
+        with self._lock:
+            if not self._readers:  # a reader still holds an entry: the arena goes with the last reference
+                self._alloc.close()

@@ -23,17 +23,13 @@ from tests.lmcache_core.conftest import (  # noqa: E402,F401  (the real Redis fi
 @pytest.fixture(autouse=True)
 def _connector_env(monkeypatch):
     """No LMCACHE_* from the caller's shell; the kernels' production CPU path (the torch reference: under
-    TRITON_INTERPRET=1 every gather would go through Triton's interpreter); every test starts with no cache
-    engine in this process and leaves none behind."""
-    from connectors import registry
-
+    TRITON_INTERPRET=1 every gather would go through Triton's interpreter). Each LLM's connector owns its
+    cache engine and closes it when the LLM shuts down."""
     for var in list(os.environ):
         if var.startswith("LMCACHE_"):
             monkeypatch.delenv(var)
     monkeypatch.setenv("LMCACHE_KERNEL_BACKEND", "torch")
-    registry.close_all()
     yield
-    registry.close_all()
 
 
 def make_tiny_llama(path: str, layers: int = 2) -> str:

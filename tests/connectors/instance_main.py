@@ -13,17 +13,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def main(model: str, set_name: str, extra_json: str, out_path: str) -> None:
-    from connectors import registry
     from tests.connectors import prompts
-    from tests.connectors.vllm_helpers import make_llm, run, shutdown, worker_half
+    from tests.connectors.vllm_helpers import connector_totals, make_llm, run, shutdown
 
     llm = make_llm(model, json.loads(extra_json))
     try:
         outputs = run(llm, prompts.TINY_SETS[set_name])
-        totals = dict(worker_half().stats.totals)
+        totals = connector_totals(llm)
     finally:
-        shutdown(llm)
-    registry.flush_all()  # Redis writes happen in the background: done before this process says it is
+        shutdown(llm)  # the connector's shutdown waits for the background writes to Redis
     with open(out_path, "w") as f:
         json.dump({"outputs": [[list(o.token_ids), list(o.logprobs), o.num_cached_tokens] for o in outputs],
                    "totals": totals}, f)

@@ -52,7 +52,7 @@ def test_stats_aggregate_reduce_and_take():
     merged = LMCacheCoreConnector.build_kv_connector_stats(worker.take().data).aggregate(scheduler.take())
     assert merged.reduce() == {"requests": 2, "lookup_tokens": 512, "hit_tokens": 384, "loaded_tokens": 256,
                                "load_failed_tokens": 0, "stored_tokens": 0, "segment_loaded_tokens": 0,
-                               "segment_stored_tokens": 0, "hit_rate": 0.75}
+                               "segment_stored_tokens": 0, "lock_timeouts": 0, "hit_rate": 0.75}
     assert worker.take() is None and worker.totals == {"loaded_tokens": 256}  # drained, totals kept
 
 

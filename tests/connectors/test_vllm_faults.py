@@ -9,10 +9,9 @@ import os
 
 import redis
 
-from connectors import registry
 from tests.connectors.prompts import FAULTS
 from tests.connectors.vllm_helpers import (
-    assert_same_outputs, core, expected_hit, make_llm, run, scheduler_half, shutdown, worker_half,
+    assert_same_outputs, connector_totals, core, expected_hit, make_llm, run, shutdown, worker_half,
 )
 
 CHUNK = 128
@@ -23,15 +22,21 @@ def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
 
 
+def _flush() -> None:
+    """Every save of the steps so far is in the engine and written to disk or Redis."""
+    worker_half().saver.flush()
+    worker_half().engine.flush()
+
+
 def _run_with_corruption(llm, corrupt) -> tuple[list, list, list, int]:
     """Cold run (stores), corrupt chunk 1 of FAULTS[0], warm run (its load fails: recompute), then a run that
     hits everything again (the recomputed chunk was stored anew)."""
     cold = run(llm, FAULTS)
-    registry.flush_all()
-    corrupt(scheduler_half(llm).engine.keys(FAULTS[0])[1])
+    _flush()
+    corrupt(worker_half().engine.keys(FAULTS[0])[1])
     warm = run(llm, FAULTS)
-    failed = worker_half().stats.totals.get("load_failed_tokens", 0)
-    registry.flush_all()
+    failed = connector_totals(llm).get("load_failed_tokens", 0)
+    _flush()
     again = run(llm, FAULTS)
     return cold, warm, again, failed
 
@@ -58,7 +63,7 @@ def test_corrupt_chunk_on_disk(tiny_model, reference, tmp_path):
     try:
         assert core(llm).scheduler.recompute_kv_load_failures, "the connector asks vLLM to recompute"
         results = _run_with_corruption(llm, corrupt)
-        disk = scheduler_half(llm).engine.stats()["L3"]
+        disk = worker_half().engine.stats()["L3"]
     finally:
         shutdown(llm)
     _check(reference, *results)
@@ -80,7 +85,7 @@ def test_corrupt_chunk_in_redis_then_redis_stopped(tiny_model, reference, redis_
         redis_node.kill()  # the server goes away; this LLM keeps serving
         after_stop = run(llm, FAULTS)
         after_stop_again = run(llm, FAULTS)
-        remote = scheduler_half(llm).engine.stats()["L4"]
+        remote = worker_half().engine.stats()["L4"]
     finally:
         shutdown(llm)
     _check(reference, *results)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.connectors.prompts import CROSS
-from tests.connectors.vllm_helpers import Output, assert_same_outputs, expected_hit, make_llm, run, shutdown, worker_half
+from tests.connectors.vllm_helpers import Output, assert_same_outputs, connector_totals, expected_hit, make_llm, run, shutdown
 
 CHUNK = 128
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +30,7 @@ def test_instance_b_loads_what_instance_a_stored(tiny_model, reference, redis_cl
     llm = make_llm(tiny_model, {"chunk_size": CHUNK, "remote_url": url, "max_local_cpu_size": "64KB"})
     try:
         got = run(llm, CROSS)
-        loaded = worker_half().stats.totals.get("loaded_tokens", 0)
+        loaded = connector_totals(llm).get("loaded_tokens", 0)
     finally:
         shutdown(llm)
     from_a = [Output(tuple(t), tuple(lp), n) for t, lp, n in result["outputs"]]

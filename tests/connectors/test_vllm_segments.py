@@ -11,7 +11,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.connectors.vllm_helpers import (
-    assert_same_outputs, make_llm, no_cache, random_tokens, run, shutdown, warm_then_measure, worker_half,
+    assert_same_outputs, connector_totals, make_llm, no_cache, random_tokens, shutdown, warm_then_measure, worker_half,
 )
 
 CHUNK = 128
@@ -77,14 +77,12 @@ def test_explicit_segments_from_the_request(tiny_model, passages):
     try:
         llm.generate([{"prompt_token_ids": a}], params(spans(len(a))), use_tqdm=False)
         llm.generate([{"prompt_token_ids": b}], params(spans(len(b))), use_tqdm=False)
-    finally:
-        shutdown(llm)
-    prompt = b + a + passages["Q2"]
-    llm = make_llm(tiny_model, extra)
-    try:
+        worker_half().saver.flush()
+        before = connector_totals(llm)
+        prompt = b + a + passages["Q2"]
         out = llm.generate([{"prompt_token_ids": prompt}], params(spans(len(b), len(a), len(passages["Q2"]))),
                            use_tqdm=False)
-        totals = dict(worker_half().stats.totals)
+        totals = {k: v - before.get(k, 0) for k, v in connector_totals(llm).items()}
     finally:
         shutdown(llm)
     assert out[0].num_cached_tokens == len(b) + len(a)

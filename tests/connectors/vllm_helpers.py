@@ -67,19 +67,29 @@ def no_cache(model, prompts):
 
 
 def warm_then_measure(model, extra, warmup, measured, sampling=None):
-    """Store `warmup` in one LLM, then run `measured` in a fresh one (vLLM's prefix cache empty, our engine
-    the same); (outputs, the worker's statistics totals of the latter)."""
+    """Store `warmup`, then run `measured`, in one LLM (vLLM's own prefix cache off: whatever is reused comes
+    from ours); (outputs, the connector's statistics counted during `measured`)."""
     llm = make_llm(model, extra)
     try:
         run(llm, warmup)
-    finally:
-        shutdown(llm)
-    llm = make_llm(model, extra)
-    try:
+        worker_half().saver.flush()
+        before = connector_totals(llm)
         outs = run(llm, measured) if sampling is None else run(llm, measured, sampling)
-        return outs, dict(worker_half().stats.totals)
+        after = connector_totals(llm)
+        return outs, {k: v - before.get(k, 0) for k, v in after.items()}
     finally:
         shutdown(llm)
+
+
+def connector_totals(llm: LLM) -> dict[str, int]:
+    """The connector's statistics since the LLM started (what vLLM ships to /metrics), from the scheduler half
+    (in-process engine core): every request-level counter is counted there once."""
+    return dict(scheduler_half(llm).stats.totals)
+
+
+def worker_engine():
+    """The cache engine of this process's worker (in-process, TP=1)."""
+    return worker_half().engine
 
 
 def assert_same_outputs(reference: list[Output], got: list[Output], what: str) -> None:

@@ -42,6 +42,8 @@ SAMPLES = {
     "cache_secret": ("s3cr3t-value", "s3cr3t-value"), "metrics_port": ("9100", 9100),
     "prefetch_enabled": ("false", False), "compression_enabled": ("0", False), "codec": ("none", "none"),
     "compression_level": ("-3", -3), "compression_min_ratio": ("1.5", 1.5), "batch_size": ("8", 8),
+    "host_memory_headroom": ("4GiB", 4 * GiB), "device_memory_headroom": ("512MiB", 512 * MiB),
+    "async_load": ("false", False), "layerwise": ("on", "on"), "lookup_timeout": ("0.25", 0.25),
 }
 
 

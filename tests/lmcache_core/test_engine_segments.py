@@ -67,12 +67,12 @@ def test_disk_header_carries_the_position_and_prefetch_keeps_it(tmp_path):
         second.close()
 
 
-def test_prefix_chunks_read_with_position_report_unknown():
+def test_prefix_chunks_read_with_position_report_none():
     e = make_engine()
     toks = tokens(2 * CS)
     e.store(toks, kv_for(2 * CS))
     n, got = read_all(e, e.keys(toks))
-    assert n == 2 and [pos for _, _, pos in got] == [-1, -1]
+    assert n == 2 and [pos for _, _, pos in got] == [None, None]
 
 
 def test_retrieve_positioned_stops_at_the_first_missing_chunk():
