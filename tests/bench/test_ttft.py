@@ -1,9 +1,7 @@
 """`python -m bench.ttft`: the workloads' prompts, the quality figures and the rag report on hand-made
-results, a smoke run of the CLI on real vLLM (SmolLM2-135M, tiny documents) with every scenario, the rag
-segment-reuse scenarios end to end, and `--server URL` mode against a streaming stub server.
-
-The stub server is a real HTTP server on 127.0.0.1 that streams server-sent events in a known order, so the
-client's behaviour (where its TTFT clock stops, which prompts it sends) is checked without timing anything.
+results, a smoke run of the in-process mode on real vLLM (SmolLM2-135M, tiny documents) with every scenario,
+and the rag segment-reuse scenarios end to end. Server mode: test_ttft_server_mode.py, its parts in
+test_ttft_servers.py and test_ttft_client.py.
 """
 
 import json
@@ -11,10 +9,7 @@ import math
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
-from typing import ClassVar
 
 import pytest
 
@@ -214,7 +209,8 @@ def test_cli_smoke_every_scenario(smollm2, tmp_path):
     out = tmp_path / "ttft.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "TRITON_INTERPRET", "VLLM_"))}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "bench.ttft", "--model", smollm2, "--num-docs", "1", "--doc-tokens", "384",
+    cmd = [sys.executable, "-m", "bench.ttft", "--mode", "inprocess", "--model", smollm2, "--num-docs", "1",
+           "--doc-tokens", "384",
            "--questions", "2", "--chunk-size", "128", "--scenarios", ",".join(SCENARIOS), "--output", str(out),
            "--plot", str(tmp_path / "not-yet" / "ttft.png")]  # as `make demo` on a fresh clone: no results/ yet
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -273,93 +269,3 @@ def test_cli_rag_segment_reuse_speed_and_quality(smollm2, tmp_path):
                    "re-rotation beats no re-rotation"):
         assert target in notes, notes
     assert "ppl_ratio" in proc.stdout and "x_prefix" in proc.stdout  # the printed table's columns
-
-
-# -- server mode ------------------------------------------------------------------------------------------------
-
-class _StubServer(BaseHTTPRequestHandler):
-    """POST /v1/completions, stream=true: a first token, then (once `gate` is open, when one is set) the end
-    and the usage event. cached_tokens: the longest earlier prompt this one starts with, as the server's
-    prefix cache would report it (4 characters a token). `sent` counts the events written so far."""
-
-    seen: ClassVar[list[str]] = []
-    sent: ClassVar[list[int]] = [0]
-    gate: ClassVar[threading.Event | None] = None
-    gate_timed_out: ClassVar[list[bool]] = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert self.path == "/v1/completions" and body["stream"] and body["max_tokens"] == 1, (self.path, body)
-        prompt = body["prompt"]
-        match = max((len(p) for p in self.seen if prompt.startswith(p)), default=0)
-        self.seen.append(prompt)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        self._event({"choices": [{"index": 0, "text": " yes", "finish_reason": None}]})
-        if self.gate is not None:  # the end waits until the client stopped its TTFT clock
-            self.gate_timed_out.append(not self.gate.wait(30))
-        self._event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
-        n = len(prompt) // 4
-        self._event({"choices": [], "usage": {"prompt_tokens": n, "completion_tokens": 1,
-                                              "prompt_tokens_details": {"cached_tokens": match // 4}}})
-        self.wfile.write(b"data: [DONE]\n\n")
-
-    def _event(self, obj):
-        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-        self.wfile.flush()
-        self.sent[0] += 1
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub_server():
-    _StubServer.seen, _StubServer.sent, _StubServer.gate, _StubServer.gate_timed_out = [], [0], None, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_stream_completion_stops_the_clock_at_the_first_streamed_token(stub_server):
-    """A clock that reads the stub's event count: TTFT is the events sent between the request and the clock's
-    stop. The stub holds the end of the stream until the clock stopped, so a client that waited for the end
-    (or stopped at the headers) reads another count than 1."""
-    from bench.ttft.client import stream_completion
-
-    _StubServer.gate = gate = threading.Event()
-
-    def clock() -> float:
-        readings.append(_StubServer.sent[0])
-        if len(readings) > 1:
-            gate.set()
-        return float(readings[-1])
-
-    readings: list[int] = []
-    ttft, text, usage = stream_completion(stub_server, "stub", "a prompt", timeout=60, clock=clock)
-    assert (ttft, text) == (1.0, " yes") and _StubServer.gate_timed_out == [False]
-    assert usage == {"prompt_tokens": 2, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}
-
-
-def test_server_mode_rows_prompts_and_hit_rates(stub_server, smollm2, tmp_path):
-    from bench.ttft.cli import main
-
-    out = tmp_path / "server.json"
-    report = main(["--server", stub_server, "--model", "stub", "--tokenizer", smollm2, "--num-docs", "2",
-                   "--doc-tokens", "64", "--questions", "2", "--output", str(out)])
-    rows = {r["scenario"]: r for r in json.loads(out.read_text())["rows"]}
-    assert [r["scenario"] for r in report.rows] == ["server-cold", "server-warm"]
-    cold, warm = rows["server-cold"], rows["server-warm"]
-    assert cold["requests"] == warm["requests"] == 4 and cold["status"] == warm["status"] == "ok"
-    assert all(t > 0 for t in cold["ttft_s"] + warm["ttft_s"]) and warm["warmup_s"] > 0
-    # cold: every prompt behind a line of its own, so nothing matches; then the documents, then the questions
-    assert len(_StubServer.seen) == 4 + 2 + 4
-    cold_prompts, docs, measured = _StubServer.seen[:4], _StubServer.seen[4:6], _StubServer.seen[6:]
-    nonces = [p.split("\n", 1)[0] for p in cold_prompts]
-    assert len(set(nonces)) == 4 and [p.split("\n", 1)[1] for p in cold_prompts] == measured
-    assert all(any(m.startswith(d) for d in docs) for m in measured)
-    assert cold["hit_rate"] == 0 and warm["hit_rate"] > 0.5
