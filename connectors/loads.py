@@ -20,7 +20,7 @@ import torch
 from kernels import scatter_kv
 
 from .device_streams import Streams
-from .metadata import LoadSpec, SegmentLoadSpec
+from .plan import LoadSpec, SegmentLoadSpec
 from .segment_io import rerotate
 
 log = logging.getLogger(__name__)

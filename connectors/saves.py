@@ -18,7 +18,7 @@ import torch
 from kernels import gather_kv
 
 from .device_streams import Streams
-from .metadata import LMCacheCoreMetadata
+from .plan import StepPlan
 from .segment_io import padded
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ class Saver:
         self.engine, self.caches, self.layout, self.streams, self.mover = engine, caches, layout, streams, mover
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-save")
         self._pending: deque[Future] = deque()
+        self._hashes: dict[Future, frozenset[bytes]] = {}  # the chunks each pending save stores
 
-    def begin(self, meta: LMCacheCoreMetadata, skip: set[str]) -> StepSaves | None:
+    def begin(self, meta: StepPlan, skip: set[str]) -> StepSaves | None:
         """The step's saves, minus the requests in `skip`; None when there is nothing to save."""
         specs = [s for s in meta.saves if s.req_id not in skip]
         segment_specs = [s for s in meta.segment_saves if s.req_id not in skip]
@@ -81,7 +82,11 @@ class Saver:
         self.streams.wait(gathered)  # the forward stream reuses no saved block before it was read
         while len(self._pending) >= MAX_PENDING:
             self._pending.popleft().exception()
-        self._pending.append(self._pool.submit(self._store, step, segments, gathered))
+        future = self._pool.submit(self._store, step, segments, gathered)
+        self._hashes[future] = frozenset(h for spec in step.specs for h in spec.hashes) | frozenset(
+            h for spec in step.segment_specs for h, _, _ in spec.chunks)
+        future.add_done_callback(lambda f: self._hashes.pop(f, None))
+        self._pending.append(future)
 
     def _store(self, step: StepSaves, segments, gathered) -> None:
         self.streams.synchronize(gathered)
@@ -100,6 +105,14 @@ class Saver:
                 self.engine.store_positioned([(key, kv, first) for key, (_, kv, first) in zip(keys, items)])
             except Exception as e:
                 log.warning("lmcache: segment store for request %s failed: %r", spec.req_id, e)
+
+    def wait_for(self, hashes) -> None:
+        """Return once no save in flight stores any of `hashes` (a lookup then sees what this worker's
+        earlier steps computed: read-your-writes for the scheduler)."""
+        wanted = set(hashes)
+        for future, stored in list(self._hashes.items()):
+            if stored & wanted:
+                future.exception()
 
     def flush(self) -> None:
         """Wait until every save handed over so far is in the engine."""

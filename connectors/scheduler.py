@@ -23,7 +23,8 @@ from lmcache_core.keys import chunk_salt
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .lookup import LookupClient, socket_path
-from .metadata import LMCacheCoreMetadata, LoadSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
+from .metadata import LMCacheCoreMetadata
+from .plan import LoadSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
 from .segments import SegmentError, SegmentPlan, parse_separator, request_spans
 from .spec import ConnectorSettings, attention_spec, configured_layout, parallel_ranks
 from .stats import LMCacheCoreStats

@@ -36,7 +36,7 @@ from .device_streams import Streams
 from .layouts import detect_layout
 from .loads import LoadJob, LoadOutcome, Loader, close_all
 from .lookup import LookupServer, socket_path
-from .metadata import LMCacheCoreMetadata
+from .plan import StepPlan
 from .saves import Saver
 from .segment_io import TokenMover
 from .segments import rope_params
@@ -140,8 +140,6 @@ class WorkerHalf:
         engine = CacheEngine(self.settings.cache, spec=spec, device=device, memory=plan)
         try:
             warm_up_kernels(self.caches, self.layout, engine)
-            path = socket_path(vc.kv_transfer_config.engine_id, par.data_parallel_rank, pp_rank, tp_rank)
-            self.server = LookupServer(path, self._answer)
         except BaseException:
             engine.close()
             raise
@@ -153,6 +151,8 @@ class WorkerHalf:
                                                                    and device.type == "cuda")
         self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load")
         self._releases = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-release")
+        path = socket_path(vc.kv_transfer_config.engine_id, par.data_parallel_rank, pp_rank, tp_rank)
+        self.server = LookupServer(path, self._answer)  # last: it answers with everything above
         log.info("lmcache: worker pp %d/%d tp %d/%d: %s; %d layers from %d, backend %s, layout %s -> %s, "
                  "layer-wise %s, lookups on %s", pp_rank, par.pipeline_parallel_size, tp_rank,
                  par.tensor_parallel_size, describe_engine(self.engine), pk.num_layers, first_layer, backend,
@@ -163,6 +163,8 @@ class WorkerHalf:
     def _answer(self, op: str, header: dict, hashes: list[bytes]) -> dict:
         engine = self.engine
         keys = engine.keys_of(hashes)
+        if op in ("ask", "contains"):
+            self.saver.wait_for(hashes)  # chunks this worker is storing right now count as stored
         if op == "ask":
             owner = header.get("owner") if self.lead else None
             probe = engine.ask(keys, owner=owner, prefetch=bool(header.get("prefetch")))
@@ -181,7 +183,7 @@ class WorkerHalf:
 
     # -- loads --------------------------------------------------------------------------------------------
 
-    def start_load_kv(self, meta: LMCacheCoreMetadata) -> None:
+    def start_load_kv(self, meta: StepPlan) -> None:
         if meta is self._loaded_meta:
             return
         self._loaded_meta = meta
@@ -230,7 +232,7 @@ class WorkerHalf:
 
     # -- saves --------------------------------------------------------------------------------------------
 
-    def save_kv_layer(self, layer_name: str, meta: LMCacheCoreMetadata) -> None:
+    def save_kv_layer(self, layer_name: str, meta: StepPlan) -> None:
         if not self.layerwise:
             return
         if self._saves is None:
@@ -238,7 +240,7 @@ class WorkerHalf:
         if self._saves:
             self.saver.gather_layers(self._saves, self._layer_index.get(layer_name, 0) + 1)
 
-    def wait_for_save(self, meta: LMCacheCoreMetadata) -> None:
+    def wait_for_save(self, meta: StepPlan) -> None:
         self._finish_layerwise()
         self._no_saves -= meta.failures_seen - {o.req_id for o in self._step_outcomes if o.upto < o.end}
         self._no_saves |= {o.req_id for o in self._step_outcomes if o.upto < o.end}
@@ -254,7 +256,7 @@ class WorkerHalf:
 
     # -- step results -------------------------------------------------------------------------------------
 
-    def get_finished(self, meta: LMCacheCoreMetadata | None) -> set[str]:
+    def get_finished(self, meta: StepPlan | None) -> set[str]:
         """Requests whose background load finished since the last step (their outcomes join this step's)."""
         self._finish_layerwise()
         with self._lock:
