@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import redis
 import redis.cluster
@@ -52,6 +53,17 @@ _CHANGING = (rex.ClusterDownError, rex.TryAgainError, rex.MasterDownError)
 FAULTS = (rex.RedisError, rex.RedisClusterException, OSError)  # what a Redis fault raises
 
 Item = tuple[str, list[tuple]]  # (a key whose slot routes the item, commands run in order in one pipeline)
+
+
+class _Batch(NamedTuple):
+    """One pipeline to send: the items `idx` on `node`, behind `loads` SCRIPT LOADs."""
+
+    target: str  # back-off target: SERVER, or the node's name
+    node: redis.Redis
+    idx: list[int]
+    commands: list[tuple]
+    loads: int
+    token: int  # from backoff.admit
 
 
 def error_kind(e: BaseException) -> str:
@@ -196,9 +208,11 @@ class RedisClient:
 
     # -- batched execution ------------------------------------------------------------------------------
 
-    def run(self, items: Sequence[Item], errors: Counter) -> list[list | None]:
+    def run(self, items: Sequence[Item], errors: Counter, *, threads: bool = True) -> list[list | None]:
         """Each item's commands, in order, in one pipeline on the node that serves the item's slot; per item
-        its replies, or None when it could not run (fault, back-off; counted in `errors`)."""
+        its replies, or None when it could not run (fault, back-off; counted in `errors`). Several nodes'
+        pipelines run on the thread pool, in batches of `batch_size` items; threads=False (small replies,
+        such as locks') sends one pipeline per node from this thread, all before reading any: no hand-offs."""
         out: list[list | None] = [None] * len(items)
         token = 0 if self._client is not None else self.backoff.admit(CONNECT)
         if self._closed or token is None or not items:
@@ -215,13 +229,19 @@ class RedisClient:
         for attempt in range(2):
             moved: list[int] = []
             reload: list[int] = []
-            tasks = [(target, node, idx[i:i + self.batch_size])
+            size = self.batch_size if threads else len(todo)  # threads=False: one pipeline per node
+            tasks = [(target, node, idx[i:i + size])
                      for target, (node, idx) in self._route(client, items, todo, errors).items()
-                     for i in range(0, len(idx), self.batch_size)]
-            if len(tasks) == 1:
-                self._run_batch(*tasks[0], items, out, moved, reload, errors)
-            elif tasks:  # shards answer in parallel (socket reads release the GIL)
-                list(self._pool.map(lambda t: self._run_batch(*t, items, out, moved, reload, errors), tasks))
+                     for i in range(0, len(idx), size)]
+            batches = [b for b in (self._batch(items, *t, errors) for t in tasks) if b is not None]
+            if len(batches) > 1 and threads:  # shards answer in parallel (socket reads release the GIL)
+                done = self._pool.map(lambda b: (b, self._execute(b.node, b.commands)), batches)
+            elif len(batches) > 1:
+                done = zip(batches, resp.execute_each([(b.node, b.commands) for b in batches], self.timeout))
+            else:
+                done = ((b, self._execute(b.node, b.commands)) for b in batches)
+            for batch, replies in done:
+                self._finish(items, batch, replies, out, moved, reload, errors)
             if moved and attempt == 0:  # retry once on the new owners; re-read the whole map soon
                 self._refresh_soon(None)
             todo = moved + reload
@@ -251,26 +271,39 @@ class RedisClient:
             shas = dict.fromkeys(c[1] for c in commands if c[0] == "EVALSHA" and c[1] not in have)
             return [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas if sha in self._scripts]
 
-    def _run_batch(self, target, node, idx, items, out, moved, reload, errors) -> None:
+    def _batch(self, items, target, node, idx, errors) -> _Batch | None:
+        """The pipeline to send to `node`; None while `target` backs off."""
         token = self.backoff.admit(target)
         if token is None:
             self.count(errors, "backoff_skip")
             self._refresh_soon(target)
-            return
+            return None
         commands = [cmd for i in idx for cmd in items[i][1]]
         loads = self._loads(target, commands)
+        return _Batch(target, node, idx, loads + commands, len(loads), token)
+
+    @staticmethod
+    def _execute(node, commands) -> list | BaseException:
         try:
-            replies = resp.execute(node, loads + commands)
+            return resp.execute(node, commands)
         except FAULTS as e:
-            self._fault(e, target, token, errors)
+            return e
+
+    def _finish(self, items, batch: _Batch, replies, out, moved, reload, errors) -> None:
+        """Hand a pipeline's replies to its items (or count its fault)."""
+        target = batch.target
+        if isinstance(replies, BaseException):
+            if not isinstance(replies, FAULTS):
+                raise replies
+            self._fault(replies, target, batch.token, errors)
             return
         self.backoff.ok(target)
         with self._lock:
             self._loaded.setdefault(target, set()).update(
                 r.decode() if isinstance(r, (bytes, bytearray)) else r
-                for r in replies[:len(loads)] if not isinstance(r, Exception))
-        pos = len(loads)
-        for i in idx:
+                for r in replies[:batch.loads] if not isinstance(r, Exception))
+        pos = batch.loads
+        for i in batch.idx:
             mine, pos = replies[pos:pos + len(items[i][1])], pos + len(items[i][1])
             bad = next((r for r in mine if isinstance(r, Exception)), None)
             if bad is None:

@@ -54,13 +54,16 @@ class RedisLocks:
         self.errors: Counter = Counter()
         self._take_sha, self._release_sha = client.script(_TAKE), client.script(_RELEASE)
 
+    def _run(self, items) -> list[list | None]:
+        return self.client.run(items, self.errors, threads=False)  # small replies: no thread hand-offs
+
     def _take(self, keys: Sequence[ChunkKey], owner: str, ttl: float) -> list[int | None]:
         """Per key: 1 taken, 2 refreshed, 0 another owner's, None unknown (a fault)."""
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
             raise ValueError(f"RedisLocks ttl: expected seconds > 0, got {ttl!r}")
         ms = max(1, round(ttl * 1000))
         names = [lock_name(k) for k in keys]
-        replies = self.client.run([(n, [("EVALSHA", self._take_sha, 1, n, owner, ms)]) for n in names], self.errors)
+        replies = self._run([(n, [("EVALSHA", self._take_sha, 1, n, owner, ms)]) for n in names])
         return [None if r is None else r[0] for r in replies]
 
     def claim(self, keys: Sequence[ChunkKey], owner: str, ttl: float) -> Grant:
@@ -80,12 +83,12 @@ class RedisLocks:
             return
         names = [lock_name(k) for k in keys]
         if owner is None:
-            self.client.run([(n, [("DEL", n)]) for n in names], self.errors)
+            self._run([(n, [("DEL", n)]) for n in names])
         else:
-            self.client.run([(n, [("EVALSHA", self._release_sha, 1, n, owner)]) for n in names], self.errors)
+            self._run([(n, [("EVALSHA", self._release_sha, 1, n, owner)]) for n in names])
 
     def held_by_other(self, keys: Sequence[ChunkKey], owner: str) -> list[bool]:
         names = [lock_name(k) for k in keys]
-        replies = self.client.run([(n, [("GET", n)]) for n in names], self.errors)
+        replies = self._run([(n, [("GET", n)]) for n in names])
         mine = owner.encode()
         return [r is not None and r[0] is not None and r[0] != mine for r in replies]

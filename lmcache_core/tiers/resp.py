@@ -21,6 +21,7 @@ internal is missing, or with `lean=False`, replies are read by redis-py's own re
 
 import re
 import socket
+import time
 
 import redis
 import redis.exceptions as rex
@@ -62,14 +63,17 @@ _CHUNK = 256 * 1024  # read buffer; also the longest reply line accepted
 
 
 class _Reader:
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
+    def __init__(self, sock: socket.socket, deadline: float | None = None):
+        """deadline (time.monotonic()): every read ends by then; None: the socket's own timeout per read."""
+        self._sock, self._deadline = sock, deadline
         self._buf = bytearray(_CHUNK)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
 
     def _recv_into(self, view: memoryview) -> int:
         try:
+            if self._deadline is not None:
+                self._sock.settimeout(max(self._deadline - time.monotonic(), 1e-3))
             n = self._sock.recv_into(view)
         except socket.timeout as e:
             raise rex.TimeoutError("Timeout reading from socket") from e
@@ -177,16 +181,63 @@ def execute(client: redis.Redis, commands: list[tuple], *, lean: bool = True) ->
     conn = pool.get_connection()
     try:
         conn.send_packed_command(conn.pack_commands(commands))
-        sock = getattr(conn, "_sock", None)
-        if lean and _parse_error is not None and isinstance(sock, socket.socket):
-            reader = _Reader(sock)
-            return [reader.reply() for _ in commands]
-        return [_redis_py_reply(conn) for _ in commands]
+        return _replies(conn, len(commands), lean)
     except BaseException:
         conn.disconnect()  # the stream's position is unknown: never reuse it
         raise
     finally:
         pool.release(conn)
+
+
+def execute_each(batches: list[tuple[redis.Redis, list[tuple]]], timeout: float) -> list:
+    """`execute` on several servers (one batch each) from the calling thread: every pipeline is sent before any
+    reply is read, so the servers work at once without handing work to other threads (for small replies:
+    large values read faster on threads). Per batch its replies, or the fault that closed its connection;
+    the reads of all batches end within `timeout` of the call (lean reader; each connect has its own)."""
+    deadline = time.monotonic() + timeout
+    out: list = [None] * len(batches)
+    conns = []
+    try:
+        for i, (client, commands) in enumerate(batches):
+            try:
+                conn = client.connection_pool.get_connection()
+            except Exception as e:  # noqa: BLE001 - a fault of this server only: its batch's answer
+                out[i] = e
+                continue
+            conns.append((i, client.connection_pool, conn))
+            try:
+                conn.send_packed_command(conn.pack_commands(commands))
+            except Exception as e:  # noqa: BLE001
+                conn.disconnect()
+                out[i] = e
+        for i, _, conn in conns:
+            if out[i] is None:
+                try:
+                    out[i] = _replies(conn, len(batches[i][1]), True, deadline)
+                except Exception as e:  # noqa: BLE001
+                    conn.disconnect()
+                    out[i] = e
+    except BaseException:  # interrupted: no stream's position is known
+        for _, _, conn in conns:
+            conn.disconnect()
+        raise
+    finally:
+        for _, pool, conn in conns:
+            pool.release(conn)
+    return out
+
+
+def _replies(conn, n: int, lean: bool, deadline: float | None = None) -> list:
+    sock = getattr(conn, "_sock", None)
+    if not (lean and _parse_error is not None and isinstance(sock, socket.socket)):
+        return [_redis_py_reply(conn) for _ in range(n)]
+    timeout = sock.gettimeout()
+    try:
+        reader = _Reader(sock, deadline)
+        return [reader.reply() for _ in range(n)]
+    finally:
+        if deadline is not None:
+            sock.settimeout(timeout)
 
 
 def _redis_py_reply(conn) -> object:

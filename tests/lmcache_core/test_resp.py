@@ -5,13 +5,17 @@ import os
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import redis
 import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from lmcache_core.tiers import resp
+from tests.redis_servers import free_port
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -115,6 +119,38 @@ def test_a_silent_server_times_out():
     with pytest.raises(rex.TimeoutError):
         resp.execute(c, [("GET", "k")])
     c.close()
+    srv.close()
+
+
+# -- several servers from one thread ---------------------------------------------------------------------
+
+
+def test_execute_each_sends_every_pipeline_then_reads_each(redis_node_factory):
+    a, b = redis_node_factory(), redis_node_factory()
+    ca, cb = redis.Redis.from_url(a.url, socket_timeout=2.0), redis.Redis.from_url(b.url, socket_timeout=2.0)
+    out = resp.execute_each([(ca, [("SET", "k", b"a"), ("GET", "k")]), (cb, [("GET", "k"), ("INCR", "n"), ("PING",)])],
+                            timeout=2.0)
+    assert out == [["OK", b"a"], [None, 1, "PONG"]]
+    assert ca.get("k") == b"a" and cb.get("n") == b"1"
+    ca.close()
+    cb.close()
+
+
+def test_execute_each_a_fault_answers_its_batch_only_and_reads_end_by_the_deadline(redis_node):
+    srv, _ = _listener(b"$10\r\nabc")  # a reply that never completes
+    silent = _raw_client(srv, timeout=5.0)  # its own timeout is long: the call's deadline ends the read
+    refused = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1.0,
+                          retry=Retry(NoBackoff(), 0))  # as RedisClient makes them: no retries of its own
+    good = redis.Redis.from_url(redis_node.url, socket_timeout=2.0)
+    t0 = time.monotonic()
+    out = resp.execute_each([(silent, [("GET", "k")]), (refused, [("PING",)]), (good, [("PING",)])], timeout=0.3)
+    took = time.monotonic() - t0
+    assert isinstance(out[0], rex.TimeoutError) and isinstance(out[1], rex.ConnectionError) and out[2] == ["PONG"]
+    assert took < 0.3 + 1.0, took  # the deadline, plus a refused connect, plus slack for a loaded box
+    # the good connection got its own timeout back: a command blocking 0.5 s outlasts the call's deadline
+    assert resp.execute(good, [("BLPOP", "nothing-here", "0.5"), ("PING",)]) == [None, "PONG"]
+    for c in (silent, refused, good):
+        c.close()
     srv.close()
 
 
