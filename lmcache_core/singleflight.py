@@ -12,8 +12,9 @@ chunk keys the tiers lack, in order:
   the call took in passing, or `owner` held before, is given back; in a chain, in the layers it asked);
 - else: `owner` now holds every key that no other owner holds, each until now + ttl (taken, or refreshed when
   it held it already): compute them. `held` says which; held[0] is True.
-With Redis this is one pipelined round trip (plus one to give keys back, only when busy and the call took
-some); `ChainedLocks` skips Redis altogether when another request of this process holds keys[0].
+With Redis this is one pipelined round trip (plus one to give keys back, only when busy while `owner`
+holds some); `ChainedLocks` skips Redis altogether when another request of this process holds keys[0].
+A Redis fault counts as "held by nobody": the keys are granted (the caller computes, the safe fallback).
 """
 
 import threading
