@@ -16,7 +16,7 @@ WAITING_FOR_REMOTE_KVS; each chunk whose tokens are all computed by the end of t
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kernels import chunk_hashes
 from lmcache_core.keys import chunk_salt

@@ -6,8 +6,8 @@ All with vLLM's prefix cache off, so every reused token comes from our cache and
 from connectors import vllm_v1
 from tests.connectors.prompts import MIXED, PREEMPT, shared_prefix_hits
 from tests.connectors.vllm_helpers import (
-    LONG_SAMPLING, SAMPLING, assert_same_outputs, connector_totals, core, expected_hit, make_llm, run, scheduler_half,
-    shutdown, worker_half,
+    LONG_SAMPLING, SAMPLING, assert_same_outputs, connector_totals, core, expected_hit, flush_worker, make_llm, run,
+    scheduler_half, shutdown, worker_half,
 )
 
 CHUNK = 128
@@ -20,10 +20,10 @@ def test_mixed_batch_shares_prefixes_once_then_hits_everything(tiny_model, refer
     try:
         cold = run(llm, MIXED)
         cold_loaded = connector_totals(llm).get("loaded_tokens", 0)
-        worker_half().saver.flush()
+        flush_worker()
         warm = run(llm, MIXED)
         assert not scheduler_half(llm)._reqs
-        worker_half().saver.flush()
+        flush_worker()
         assert worker_half().engine.locks_held() == 0, "claims must be released once their chunks are stored"
     finally:
         shutdown(llm)
@@ -83,7 +83,7 @@ def test_aborted_request_releases_its_claims(tiny_model, reference):
                     done[out.request_id] = out
         assert "r3" not in done and not scheduler_half(llm)._reqs
         again = run(llm, [COLD_WARM[4]])  # would wait lock_timeout (10 s) on a leaked claim
-        worker_half().saver.flush()
+        flush_worker()
         assert worker_half().engine.locks_held() == 0
     finally:
         shutdown(llm)

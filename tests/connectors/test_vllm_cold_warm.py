@@ -7,8 +7,8 @@ own prefix cache is off unless a test says otherwise, so every reused token come
 
 from tests.connectors.prompts import COLD_WARM, HALVES
 from tests.connectors.vllm_helpers import (
-    BLOCK, assert_same_outputs, connector_totals, expected_hit, make_llm, run, scheduler_half, shutdown,
-    worker_half,
+    BLOCK, assert_same_outputs, connector_totals, expected_hit, flush_worker, make_llm, run, scheduler_half,
+    shutdown, worker_half,
 )
 
 CHUNK = 128
@@ -21,7 +21,7 @@ def test_cold_then_warm_from_memory(tiny_model, reference):
     try:
         cold = run(llm, COLD_WARM)
         cold_totals = connector_totals(llm)
-        worker_half().saver.flush()
+        flush_worker()
         warm = run(llm, COLD_WARM)
         totals = {k: v - cold_totals.get(k, 0) for k, v in connector_totals(llm).items()}
         assert not scheduler_half(llm)._reqs, "per-request state must be dropped at request_finished"
@@ -49,7 +49,7 @@ def test_with_vllm_prefix_caching(tiny_model, reference):
     llm = make_llm(tiny_model, EXTRA, prefix_caching=True)
     try:
         assert_same_outputs(reference["cold_warm"], run(llm, COLD_WARM), "prefix caching, cold")
-        worker_half().saver.flush()
+        flush_worker()
         llm.reset_prefix_cache()  # vLLM's cache empty, ours full
         halves = run(llm, HALVES)  # now vLLM's own cache holds the halves' whole blocks
         before = connector_totals(llm).get("loaded_tokens", 0)

@@ -11,7 +11,7 @@ import redis
 
 from tests.connectors.prompts import FAULTS
 from tests.connectors.vllm_helpers import (
-    assert_same_outputs, connector_totals, core, expected_hit, make_llm, run, shutdown, worker_half,
+    assert_same_outputs, connector_totals, core, expected_hit, flush_worker, make_llm, run, shutdown, worker_half,
 )
 
 CHUNK = 128
@@ -24,8 +24,7 @@ def _flip(data: bytes, at: int) -> bytes:
 
 def _flush() -> None:
     """Every save of the steps so far is in the engine and written to disk or Redis."""
-    worker_half().saver.flush()
-    worker_half().engine.flush()
+    flush_worker()
 
 
 def _run_with_corruption(llm, corrupt) -> tuple[list, list, list, int]:

@@ -11,7 +11,8 @@ import pytest
 from vllm import SamplingParams
 
 from tests.connectors.vllm_helpers import (
-    assert_same_outputs, connector_totals, make_llm, no_cache, random_tokens, shutdown, warm_then_measure, worker_half,
+    assert_same_outputs, connector_totals, flush_worker, make_llm, no_cache, random_tokens, shutdown,
+    warm_then_measure,
 )
 
 CHUNK = 128
@@ -77,7 +78,7 @@ def test_explicit_segments_from_the_request(tiny_model, passages):
     try:
         llm.generate([{"prompt_token_ids": a}], params(spans(len(a))), use_tqdm=False)
         llm.generate([{"prompt_token_ids": b}], params(spans(len(b))), use_tqdm=False)
-        worker_half().saver.flush()
+        flush_worker()
         before = connector_totals(llm)
         prompt = b + a + passages["Q2"]
         out = llm.generate([{"prompt_token_ids": prompt}], params(spans(len(b), len(a), len(passages["Q2"]))),

@@ -6,7 +6,7 @@ import pytest
 
 from bench.models import smollm2_dir
 from tests.connectors.vllm_helpers import (
-    SAMPLING, assert_same_outputs, connector_totals, expected_hit, make_llm, run, shutdown, worker_half,
+    SAMPLING, assert_same_outputs, connector_totals, expected_hit, make_llm, run, shutdown,
 )
 
 CHUNK = 128

@@ -72,7 +72,7 @@ def warm_then_measure(model, extra, warmup, measured, sampling=None):
     llm = make_llm(model, extra)
     try:
         run(llm, warmup)
-        worker_half().saver.flush()
+        flush_worker()
         before = connector_totals(llm)
         outs = run(llm, measured) if sampling is None else run(llm, measured, sampling)
         after = connector_totals(llm)
@@ -90,6 +90,12 @@ def connector_totals(llm: LLM) -> dict[str, int]:
 def worker_engine():
     """The cache engine of this process's worker (in-process, TP=1)."""
     return worker_half().engine
+
+
+def flush_worker() -> None:
+    """Every save of the steps so far is in the worker's engine, and written to its disk and Redis tiers."""
+    worker_half().rank.saver.flush()
+    worker_half().engine.flush()
 
 
 def assert_same_outputs(reference: list[Output], got: list[Output], what: str) -> None:
