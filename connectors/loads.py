@@ -108,6 +108,8 @@ class Loader:
             log.warning("lmcache: load for request %s failed: %r", job.req_id, e)
         if upto < job.end:  # the rest is zeroed: vLLM recomputes it
             pieces.append(_Piece(None, 0, upto, job.end, self._slots(job, upto, job.end)))
+        for p in pieces:  # once per piece, not once per layer group (a pageable copy would sync the stream)
+            p.slots = p.slots.to(self.device, non_blocking=True)
         return pieces, held, upto
 
     @staticmethod
@@ -132,7 +134,7 @@ class Loader:
                 on_layers(l1)
 
     def _move_piece(self, p: _Piece, l0: int, l1: int) -> None:
-        slots = p.slots.to(self.device, non_blocking=True)
+        slots = p.slots  # on the cache's device already (`open`)
         n = p.hi - p.lo
         if p.src is None:
             shape = self.engine.spec.chunk_shape(n)

@@ -212,14 +212,13 @@ class CacheEngine:
         return start // cs
 
     def store(self, token_ids, kv: torch.Tensor, *, start: int = 0, pin: bool = False, mode: str = "prefix",
-              namespace: str | None = None, keys: Sequence[ChunkKey] | None = None, donate: bool = False) -> int:
+              namespace: str | None = None, keys: Sequence[ChunkKey] | None = None) -> int:
         """Store full chunks of `token_ids` from staging `kv` [L, KV, N, H, D]; returns tokens stored.
 
         kv holds the tokens from `start` (a multiple of chunk_size; chunks before it are not touched) to
         start + N; the chunks that lie wholly inside are stored. token_ids None: `keys` are the keys of
         exactly the chunks kv holds (start must be 0). pin=True keeps the new entries in memory for
-        `hot_cache_ttl` (hot); `pin()` pins until `unpin()`. donate=True: the caller never touches kv again,
-        so the background writes to disk and Redis may read it instead of a copy.
+        `hot_cache_ttl` (hot); `pin()` pins until `unpin()`. kv may be reused as soon as this returns.
         """
         self._check_kv(kv)
         first = self._start_chunk(start)
@@ -239,7 +238,7 @@ class CacheEngine:
             # instead of recomputing (released earlier, it could claim them in between and compute them).
             remote = self._remote_locks
             try:
-                self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None, donate=donate,
+                self.tiers.store(items, hot_ttl=self.config.hot_cache_ttl if pin else None,
                                  on_written=(lambda: remote.release(keys, None)) if remote else None)
             finally:
                 self._local_locks.release(keys, None)

@@ -272,11 +272,13 @@ class TierStack:
     # -- writes -----------------------------------------------------------------------------------------
 
     def store(self, items: Sequence[tuple[ChunkKey, torch.Tensor]], *, hot_ttl: float | None = None,
-              on_written=None, positions: Sequence[int | None] | None = None, donate: bool = False) -> None:
+              on_written=None, positions: Sequence[int | None] | None = None) -> None:
         """Store chunks per the write policy; byte tiers are written in the background (see `flush`).
         `on_written()` runs once every tier that will get the chunks now has them. positions: where each
-        chunk's first token was computed (kept with segment chunks; None: not recorded). donate: the
-        caller never touches the tensors again, so the background writer reads them without a copy (CPU).
+        chunk's first token was computed (kept with segment chunks; None: not recorded). The background
+        writer encodes each chunk from the CPU memory tier's entry just written (held, so its memory is not
+        reused meanwhile), never from the caller's tensor, which the caller may reuse as soon as this returns;
+        a copy is made only when no CPU memory tier took the chunk.
         A memory tier that cannot take a chunk (full, allocation failure) is skipped for it: the other
         tiers still get it."""
         positions = list(positions) if positions is not None else [None] * len(items)
@@ -291,10 +293,7 @@ class TierStack:
             if on_written is not None:
                 on_written()
             return
-        if donate and all(kv.device.type == "cpu" for _, kv in items):
-            cpu_items = list(items)
-        else:
-            cpu_items = [(key, kv.detach().to("cpu", copy=True)) for key, kv in items]
+        cpu_items = [(key, self._host_copy(key, kv)) for key, kv in items]
         future = self._writer.submit(self._write_bytes, cpu_items, on_written, positions)
         with self._lock:
             self._pending_writes.add(future)
@@ -310,21 +309,33 @@ class TierStack:
         return codec.encode(key.raw, kv, self.codec, level=self.level, min_ratio=self.min_ratio,
                             secret=self.secret, position=-1 if position is None else position)
 
-    def _write_bytes(self, items, on_written=None, positions=None) -> None:
-        """Write each chunk to every byte tier that lacks it (encoding each chunk at most once)."""
+    def _host_copy(self, key: ChunkKey, kv: torch.Tensor) -> Held:
+        """The chunk's bytes on the CPU for the background writer: a CPU memory tier's entry, held, else a copy."""
+        for tier in self.memory:
+            if tier.device.type == "cpu":
+                held = tier.open(key, count=False)
+                if held is not None:
+                    return held
+        return Held(kv.detach().to("cpu", copy=True), None)
+
+    def _write_bytes(self, items: Sequence[Held], on_written=None, positions=None) -> None:
+        """Write each chunk to every byte tier that lacks it (encoding each chunk at most once), then let go
+        of the held entries."""
         positions = positions if positions is not None else [None] * len(items)
         try:
             keys = [key for key, _ in items]
             missing = [tier.contains(keys) for tier in self.byte_tiers]
             blobs = {}
-            for i, (key, kv) in enumerate(items):
+            for i, (key, held) in enumerate(items):
                 if not all(present[i] for present in missing):
-                    blobs[key] = self._encode(key, kv, positions[i])
+                    blobs[key] = self._encode(key, held.tensor, positions[i])
             for tier, present in zip(self.byte_tiers, missing):
                 todo = [(key, blobs[key]) for key, hit in zip(keys, present) if not hit]
                 if todo:
                     tier.put(todo)
         finally:
+            for _, held in items:
+                held.close()
             if on_written is not None:
                 on_written()
 
