@@ -52,16 +52,17 @@ bench-kernels: $(STAMP) $(LMCACHE_DIR)/.installed
 	PYTHONPATH=$(LMCACHE_DIR) $(BIN)/python -m bench.kernels --output results/kernels.json
 
 # A lent GPU machine (the `device` tool) reaches no registry and gets the repository alone: put the wheels it
-# lacks (zstandard for the tests; LMCache and what its import needs beyond that machine's packages, for the
-# baseline) and a copy of the shared test data in .device/ (ignored by git; name it in the tool's carry),
-# then run `bash scripts/device_check.sh` there.
+# lacks (zstandard for the tests; what lmcache_core and connectors.rank_cache import, for bench.transfer;
+# LMCache and what its import needs beyond that machine's packages, for the baseline) and a copy of the shared
+# test data in .device/ (ignored by git; name it in the tool's carry), then run `bash scripts/device_check.sh`.
 device-prep:
 	rm -rf .device && mkdir -p .device/wheels .device/shared/data
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .device/wheels "zstandard==0.25.0" "lmcache==$(LMCACHE)" \
 		"cachetools==8.0.2" "dill==0.4.1" "opentelemetry-api==1.45.2" "opentelemetry-sdk==1.45.2" \
-		"opentelemetry-semantic-conventions==0.66b2"
+		"opentelemetry-semantic-conventions==0.66b2" "PyYAML==6.0.4" "prometheus-client==0.26.0" \
+		"xxhash==4.1.0" "pyzmq==27.3.0"
 	cp ../shared/data/smollm2_135m_kv_512.safetensors .device/shared/data/
 
 clean:

@@ -1,9 +1,10 @@
 """`python -m bench.transfer`: the connector's load and store pipeline, without vLLM, beside a plain copy.
 
 The product's own classes move the bytes: a real `CacheEngine` (L2 only unless --l1; no disk, no Redis)
-holds the chunks, `connectors.loads.Loader` puts them into synthetic paged caches (`flash_attn` layout, per
-layer [2, NB, BS, H, D], Llama-3-8B shape by default) driven the way the worker's layer-wise load drives it,
-and `connectors.saves.Saver` takes them out again the way `save_kv_layer` / `wait_for_save` do. Figures:
+holds the chunks, and the worker's per-rank cache (`connectors.rank_cache.RankCache`, layer-wise on, no
+lookup socket) puts them into synthetic paged caches (`flash_attn` layout, per layer [2, NB, BS, H, D],
+Llama-3-8B shape by default) and takes them out again, driven as vLLM's worker hooks drive it
+(`start_loads` / `wait_for_layers` per layer, `save_layers` per layer / `finish_saves`). Figures:
 - load: L2 (pinned on CUDA) -> device blocks, layer by layer on the load thread while the main thread waits
   for layer i before it "computes" layer i (a stand-in matmul, `--compute-dim`; 0 sizes it so that
   compute-only is about load-only). `hidden` = (load alone + compute alone - together) / load alone: the share
@@ -18,18 +19,14 @@ figure once each, interleaved; the clock stops after a device sync (CUDA events 
 
 import argparse
 import statistics
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from bench.common import Report, Timing, emit
-from connectors.device_streams import Streams
-from connectors.loads import LoadJob, Loader, close_all
 from connectors.plan import LoadSpec, SaveSpec, StepPlan, slots_for
-from connectors.saves import Saver
+from connectors.rank_cache import RankCache
 from connectors.startup import warm_up_kernels
 from kernels import KVLayout, chunk_hashes, gather_kv_ref, scatter_kv
 from kernels.bits import as_int_bits
@@ -60,44 +57,6 @@ CPU_SCALE = dict(layers=8, tokens=1024, repeats=7)  # 2 shared cores: well under
 QUICK = dict(layers=4, tokens=512, repeats=3, warmup=1)
 
 
-class _LayerwiseLoad:
-    """connectors/worker.py's `_LayerwiseLoad`, protocol for protocol (that class cannot be imported without
-    vLLM, and takes a WorkerHalf): the load runs on the load thread, `wait(n)` returns once layers [0, n) are
-    in the blocks (CPU) or enqueued with an event the current stream now waits on (CUDA)."""
-
-    def __init__(self, loader: Loader, streams: Streams, pool: ThreadPoolExecutor, jobs: list[LoadJob]):
-        self.loader, self.streams, self.jobs = loader, streams, jobs
-        self.ready = 0
-        self.events: dict[int, object] = {}
-        self.cond = threading.Condition()
-        self.future = pool.submit(self._run)
-
-    def _layers_done(self, upto: int) -> None:
-        event = self.streams.record(self.streams.load)
-        with self.cond:
-            self.ready, self.events[upto] = upto, event
-            self.cond.notify_all()
-
-    def _run(self):
-        try:
-            return self.loader.run(self.jobs, self.loader.each_layer(), on_layers=self._layers_done)
-        finally:
-            with self.cond:
-                self.ready = self.loader.num_layers
-                self.cond.notify_all()
-
-    def wait(self, upto: int) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.ready >= upto)
-            event = self.events.get(self.ready)
-        self.streams.wait(event)
-
-    def join(self):
-        outcomes, held, event = self.future.result()
-        self.streams.wait(event)
-        return outcomes, held, event
-
-
 class _Rig:
     """The engine, the paged caches, one request's load and one request's store, and the stand-in compute."""
 
@@ -121,42 +80,38 @@ class _Rig:
         shape = (2, 3 * per_request, cfg.block_size, cfg.heads, cfg.head_dim)
         self.caches = [torch.randn(shape, device=device).to(self.dtype) for _ in range(cfg.layers)]
         warm_up_kernels(self.caches, self.layout, self.engine)
-        self.streams = Streams(device)
-        self.loader = Loader(self.engine, self.caches, self.layout, block_size=cfg.block_size, streams=self.streams)
-        self.saver = Saver(self.engine, self.caches, self.layout, streams=self.streams)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load")
+        self.rank = RankCache(self.engine, self.caches, self.layout, block_size=cfg.block_size, socket=None,
+                              lead=True, layerwise=True)
         load_hashes, save_hashes = (chunk_hashes(torch.randint(0, 128_000, (cfg.tokens,)), chunk_size=cfg.chunk_size,
                                                  salt=self.engine.salt()) for _ in range(2))  # as the scheduler does
         self.load_slots = slots_for(blocks[:per_request], cfg.block_size, 0, cfg.tokens)
         self.save_slots = slots_for(blocks[per_request:2 * per_request], cfg.block_size, 0, cfg.tokens)
-        self.job = LoadJob("bench-load", prefix=LoadSpec("bench-load", load_hashes, 0, 0, cfg.tokens, self.load_slots))
-        self.plan = StepPlan(saves=[SaveSpec("bench-save", save_hashes, self.save_slots)])
+        self.load_plan = StepPlan(loads=[LoadSpec("bench-load", load_hashes, 0, 0, cfg.tokens, self.load_slots)])
+        self.save_plan = StepPlan(saves=[SaveSpec("bench-save", save_hashes, self.save_slots)])
         self.save_keys = self.engine.keys_of(save_hashes)
         self.chunks = torch.randn(spec.chunk_shape(cfg.tokens), device=device).to(self.dtype)
         self.engine.store(None, self.chunks, keys=self.engine.keys_of(load_hashes))
 
     def load(self, compute: bool = False) -> None:
         """One layer-wise load; with compute, layer i's compute runs once layer i is in."""
-        pending = _LayerwiseLoad(self.loader, self.streams, self.pool, [self.job])
+        self.rank.start_loads(self.load_plan)
         for layer in range(self.cfg.layers):
-            pending.wait(layer + 1)
+            self.rank.wait_for_layers(layer + 1)
             if compute:
                 self.compute_layer()
-        outcomes, held, event = pending.join()
-        self.streams.synchronize(event)
-        close_all(held)
+        self.rank.finished(None)  # the step's end: the load thread is done
+        outcomes = self.rank.take_outcomes()
         if any(o.upto < o.end for o in outcomes):
             raise RuntimeError(f"load came back short: {outcomes} (the chunks left L2?)")
 
     def store(self, compute: bool = False) -> None:
         """One step's saves: each layer gathered after its compute, then stored on the save thread."""
-        step = self.saver.begin(self.plan, set())
         for layer in range(self.cfg.layers):
             if compute:
                 self.compute_layer()
-            self.saver.gather_layers(step, layer + 1)
-        self.saver.finish(step)
-        self.saver.flush()
+            self.rank.save_layers(self.save_plan, layer + 1)
+        self.rank.finish_saves(self.save_plan)
+        self.rank.saver.flush()
 
     def forget_stored(self) -> None:
         """Before each store: the stored chunks leave the engine (a chunk it holds is not copied again)."""
@@ -192,9 +147,7 @@ class _Rig:
         return {"load_bytes_equal": True, "store_bytes_equal": True}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.saver.close()
-        self.engine.close()
+        self.rank.close()  # closes the engine too
 
 
 def _clock(fn, device: torch.device) -> float:

@@ -27,24 +27,24 @@ from .loads import LoadJob, LoadOutcome, Loader, close_all
 from .lookup import LookupServer
 from .plan import StepPlan
 from .saves import Saver
-from .stats import LMCacheCoreStats, tier_snapshot
 
 log = logging.getLogger(__name__)
 
+TIER_GAUGES = ("used_bytes", "capacity_bytes", "entries", "pinned_bytes")
 IDLE_WAIT_S = 0.01  # a step with nothing to compute waits this long for a background load (no busy spin)
 
 
 class RankCache:
-    def __init__(self, engine: CacheEngine, caches, layout, *, block_size: int, socket: str, lead: bool,
+    def __init__(self, engine: CacheEngine, caches, layout, *, block_size: int, socket: str | None, lead: bool,
                  layerwise: bool, mover=None, rope=None, rerotate_segments: bool = True):
         """engine: this rank's (closed by `close`); caches/layout: vLLM's paged KV cache as the kernels take it;
-        socket: where to answer lookups; lead: this rank makes the single-flight claims (one per instance)."""
+        socket: where to answer lookups (None: nobody asks, e.g. bench.transfer); lead: this rank makes the
+        single-flight claims (one per instance)."""
         self.engine, self.lead, self.layerwise = engine, lead, layerwise
         self.streams = Streams(engine.device)
         self.loader = Loader(engine, caches, layout, block_size=block_size, streams=self.streams, mover=mover,
                              rope=rope, rerotate_segments=rerotate_segments)
         self.saver = Saver(engine, caches, layout, streams=self.streams, mover=mover)
-        self.stats = LMCacheCoreStats()
         self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load")
         self._releases = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-release")
         self._lock = threading.Condition()
@@ -55,7 +55,7 @@ class RankCache:
         self._saves = None  # this step's StepSaves once layer-wise saving began (False: nothing to save)
         self._no_saves: set[str] = set()  # failed loads the scheduler has not re-planned yet
         self._last_snapshot = 0.0
-        self.server = LookupServer(socket, self.answer)  # last: it answers with everything above
+        self.server = LookupServer(socket, self.answer) if socket else None  # last: it answers with all above
 
     # -- the scheduler's questions (on the lookup server's thread) ----------------------------------------
 
@@ -171,17 +171,21 @@ class RankCache:
         outcomes, self._outcomes = self._outcomes, []
         return outcomes
 
-    def take_stats(self) -> LMCacheCoreStats | None:
+    def tier_snapshot(self) -> dict | None:
+        """{"<pp>/<tp>": {tier: usage gauges + cumulative fault counts}} at most once a second, else None."""
         now = time.monotonic()
-        if now - self._last_snapshot >= 1.0:  # tier gauges, at most once a second
-            self._last_snapshot = now
-            spec = self.engine.spec
-            self.stats.set_tiers(tier_snapshot(self.engine, f"{spec.pp_rank}/{spec.tp_rank}"))
-        return self.stats.take()
+        if now - self._last_snapshot < 1.0:
+            return None
+        self._last_snapshot = now
+        spec = self.engine.spec
+        return {f"{spec.pp_rank}/{spec.tp_rank}": {
+            name: {**{g: s[g] for g in TIER_GAUGES}, "corrupt": s["corrupt"], "errors": dict(s["errors"])}
+            for name, s in self.engine.stats().items()}}
 
     def close(self) -> None:
         """Stop answering lookups, finish every load and save in flight, write back and close the engine."""
-        self.server.close()
+        if self.server is not None:
+            self.server.close()
         self._finish_layerwise()
         self.saver.close()
         self._loads.shutdown(wait=True)

@@ -27,6 +27,8 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
+from .rank_cache import TIER_GAUGES
+
 COUNTERS = ("requests", "lookup_tokens", "hit_tokens", "loaded_tokens", "load_failed_tokens", "stored_tokens",
             "segment_loaded_tokens", "segment_stored_tokens", "lock_timeouts")
 _HELP = {
@@ -40,21 +42,14 @@ _HELP = {
     "segment_stored_tokens": "Tokens of segment chunks handed to the cache to store.",
     "lock_timeouts": "Waits for chunks another request or instance computes that passed lock_timeout.",
 }
-TIER_GAUGES = ("used_bytes", "capacity_bytes", "entries", "pinned_bytes")
 _LOOKUP_BUCKETS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5, 1.0)
 _MAX_LOOKUPS = 4096  # lookup times kept between two takes (a histogram gets them each step)
-
-
-def tier_snapshot(engine, label: str) -> dict:
-    """{label: {tier: usage gauges + cumulative fault counts}} of one worker's engine."""
-    return {label: {name: {**{g: s[g] for g in TIER_GAUGES}, "corrupt": s["corrupt"], "errors": dict(s["errors"])}
-                    for name, s in engine.stats().items()}}
 
 
 @dataclass
 class LMCacheCoreStats(KVConnectorStats):
     """Counters since the last `take` (what vLLM ships each step), plus `totals` since start (never reset).
-    data: the counters, "lookup_seconds" (a list), "tiers" (a `tier_snapshot`, newest wins)."""
+    data: the counters, "lookup_seconds" (a list), "tiers" (`RankCache.tier_snapshot`s, newest wins)."""
 
     data: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict, compare=False, repr=False)

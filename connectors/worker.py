@@ -29,6 +29,7 @@ from .segments import rope_params
 from .spec import (ConnectorSettings, attention_spec, backend_name, configured_layout, kv_spec, vllm_layout_name,
                    worker_rank)
 from .startup import describe_engine, warm_up_kernels
+from .stats import LMCacheCoreStats
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,10 @@ class WorkerHalf:
         outcomes = self.rank.take_outcomes()
         return LMCacheCoreWorkerMeta({o.req_id: o.upto for o in outcomes}) if outcomes else None
 
-    def take_stats(self):
-        return self.rank.take_stats() if self.rank is not None else None
+    def take_stats(self) -> LMCacheCoreStats | None:
+        """This rank's tier usage (once a second): request-level figures are the scheduler's."""
+        snapshot = self.rank.tier_snapshot() if self.rank is not None else None
+        return LMCacheCoreStats({"tiers": snapshot}) if snapshot else None
 
     def shutdown(self) -> None:
         if self.rank is not None:
