@@ -9,7 +9,8 @@ between the servers, with a fresh `cache_salt` per setting so no run hits anothe
   lock_timeout and load it);
 - `single-flight off`: `lock_timeout: 0` (every request computes at once).
 Per setting: prompt tokens computed over both servers (/metrics `vllm:prompt_tokens_by_source` local_compute,
-the delta on each server, summed) and that over one prompt's tokens (`x_prompt`); the TTFT of the first
+the delta on each server, summed; each server's deltas in the JSON say whether vLLM's own prefix cache or our
+connector served the rest) and that over one prompt's tokens (`x_prompt`); the TTFT of the first
 request (the one that computed the most) and of the waiters (the others). Targets: computed <= 1.2x one
 prompt's tokens with single-flight on (vs ~Nx off); every waiter's TTFT <= the first's + 1 s. All N first
 tokens must be equal (the same prompt, float32), or the row fails.
@@ -22,7 +23,7 @@ import uuid
 from bench.ttft import metrics
 from bench.ttft.client import stream_completion
 from bench.ttft.server_plan import TOKEN_IDS, Plan
-from bench.ttft.servers import ServerError, start_together
+from bench.ttft.servers import ServerError, error_summary, start_together
 
 SETTINGS = (("single-flight on", {}), ("single-flight off", {"lock_timeout": 0}))
 COLUMNS = ["setting", "status", "requests", "computed_tok", "x_prompt", "first_ttft_s", "waiter_ttft_p50_s",
@@ -69,12 +70,13 @@ def run_setting(plan: Plan, name: str, overrides: dict, tokens: list[int], n: in
                  enumerate(zip(servers, before))]
         plan.progress.done(name)
     except (ServerError, OSError, RuntimeError) as e:
-        return {**row, "status": "failed", "reason": str(e).strip().splitlines()[0][:400]}
+        return {**row, "status": "failed", "reason": error_summary(e), "note": error_summary(e)}
     finally:
         for s in servers:
             s.stop()
-    computed = [metrics.deltas(b, a)["computed_tok"] for b, a in zip(before, after)]
-    return summarize_burst(row, reqs, computed, len(tokens))
+    per_server = [metrics.deltas(b, a) for b, a in zip(before, after)]
+    row["metrics_per_server"] = per_server  # who served the others: vLLM's prefix cache or our connector
+    return summarize_burst(row, reqs, [m["computed_tok"] for m in per_server], len(tokens))
 
 
 def summarize_burst(row: dict, reqs: list[dict], computed: list[float | None], prompt_len: int) -> dict:

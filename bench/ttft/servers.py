@@ -50,6 +50,19 @@ DROPPED_ENV = ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING")
 class ServerError(RuntimeError):
     """A server did not start, or died; the message ends with its log's tail."""
 
+    def __init__(self, head: str, tail: str):
+        super().__init__(f"{head}:\n{tail}")
+        self.head, self.tail = head, tail
+
+
+def error_summary(e: BaseException, limit: int = 400) -> str:
+    """One line for a report row: a ServerError's head and its log's last line, else the error's first line."""
+    if isinstance(e, ServerError):
+        last = next((line.strip() for line in reversed(e.tail.splitlines()) if line.strip()), "")
+        return f"{e.head}; log ends: {last}"[:limit]
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]
+
 
 @dataclass(frozen=True)
 class ServerSpec:
@@ -163,20 +176,20 @@ class ServerProcess:
         while True:
             if not self.alive:
                 raise ServerError(f"{self.name} exited with status {self.proc.returncode} before it was healthy "
-                                  f"(log {self.log_path}):\n{self.log_tail()}")
+                                  f"(log {self.log_path})", self.log_tail())
             with contextlib.suppress(OSError):
                 if get(self.url, self.health_path, timeout=5.0)[0] == 200:
                     return
             if time.monotonic() > deadline:
                 raise ServerError(f"{self.name} was not healthy within {self.start_timeout_s:.0f} s "
-                                  f"(log {self.log_path}):\n{self.log_tail()}")
+                                  f"(log {self.log_path})", self.log_tail())
             time.sleep(0.5)
 
     def check_alive(self) -> None:
         """Raise ServerError with the log's tail if the server died."""
         if self.proc is not None and not self.alive:
-            raise ServerError(f"{self.name} died with status {self.proc.returncode} (log {self.log_path}):\n"
-                              f"{self.log_tail()}")
+            raise ServerError(f"{self.name} died with status {self.proc.returncode} (log {self.log_path})",
+                              self.log_tail())
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -25,7 +25,7 @@ from bench.ttft import metrics
 from bench.ttft.client import reset_prefix_cache, stream_completion
 from bench.ttft.results import Result, skipped
 from bench.ttft.server_plan import TOKEN_IDS, Plan
-from bench.ttft.servers import ServerError
+from bench.ttft.servers import ServerError, error_summary
 from bench.ttft.sizing import distinct_chunks
 
 SERVER_SCENARIOS = ("recompute", "vllm-prefix-cache", "vllm-prefix-cache@ours", "ours-L2", "ours-L3", "ours-L4")
@@ -102,8 +102,7 @@ def _wait_for_disk(plan: Plan, workload, deadline_s: float = 60.0) -> str | None
 
 
 def _failed(names, e: Exception) -> list[Result]:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return [Result(n).fail(f"{type(e).__name__}: {first}"[:400]) for n in names]
+    return [Result(n).fail(error_summary(e)) for n in names]
 
 
 def run_servers(plan: Plan, workload, scenarios) -> list[Result]:

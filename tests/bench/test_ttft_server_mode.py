@@ -13,13 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from bench.models import smollm2_dir
 from bench.ttft.avalanche import summarize_burst, target_notes as avalanche_notes
 from bench.ttft.cli import parse_config
-from bench.ttft.mixed import gaps
+from bench.ttft.mixed import compare_notes, gaps
 from bench.ttft.results import Result
 from bench.ttft.server_report import server_rows, server_target_notes
 from bench.ttft.servers import group_alive
@@ -84,9 +85,15 @@ def test_avalanche_figures_and_targets():
     assert split["status"] == "failed" and "2 different first tokens" in split["reason"]
 
 
-def test_mixed_gaps_during_and_before_the_loads():
+def test_mixed_gaps_during_and_before_the_loads_and_the_comparison():
     during, before = gaps([0.0, 0.1, 0.2, 1.5, 1.6, 3.0], start=1.0, end=2.0)
     assert before == pytest.approx([0.1, 0.1]) and during == pytest.approx([1.3, 0.1, 1.4])
+    rows = [{"tier": "L3", "setting": "{}", "itl_max_ms": 400.0, "new_ttft_p50_s": 0.5},
+            {"tier": "L4", "setting": "{}", "status": "failed"},
+            {"tier": "L3", "setting": '{"async_load": true}', "itl_max_ms": 150.0, "new_ttft_p50_s": 0.55},
+            {"tier": "L4", "setting": '{"async_load": true}', "itl_max_ms": 90.0, "new_ttft_p50_s": 0.4}]
+    assert compare_notes(rows) == ['mixed L3: {"async_load": true} vs {}: longest decode gap 150 vs 400 ms (0.38x; '
+                                   'target <= 0.5x), new-request TTFT p50 0.55 vs 0.5 s (1.10x; target <= 1.2x)']
 
 
 def _run(cmd: list[str], env: dict, limit_s: float) -> subprocess.CompletedProcess:
@@ -134,3 +141,38 @@ def test_server_mode_every_row_on_real_servers_with_redis_cluster(redis_cluster,
     for s in servers:
         assert os.path.getsize(s["log"]) > 0 and not group_alive(s["pgid"]), s
     assert "ours-L4" in proc.stdout and any("server logs" in n for n in report["notes"])
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def test_sigterm_stops_the_server_being_started(tmp_path):
+    """SIGTERM (or Ctrl-C) while a server starts: the run stops it (its whole process group) and exits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMCACHE_", "TRITON_INTERPRET", "VLLM_"))}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "bench.ttft", "--model", smollm2_dir(), "--quick", "--log-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "plain.log").exists() or not _children(proc.pid):  # the API server runs
+            assert proc.poll() is None and time.monotonic() < deadline, "no server was launched"
+            time.sleep(0.2)
+        servers = _children(proc.pid)
+        time.sleep(2)  # well into its start
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    assert not any(group_alive(pid) for pid in servers)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.ttft.servers import ServerError, ServerProcess, ServerSpec, group_alive, start_together
+from bench.ttft.servers import ServerError, ServerProcess, ServerSpec, error_summary, group_alive, start_together
 
 # A server whose GET /health answers 200; with IGNORE_TERM it ignores SIGTERM, and so does a child it starts.
 SERVE = """
@@ -52,9 +52,11 @@ def test_start_serves_then_stop_ends_the_process_group(tmp_path):
 
 def test_a_server_that_exits_reports_its_log_tail(tmp_path):
     server = _process(tmp_path, "dies", "print('no such model: /nowhere'); raise SystemExit(3)")
-    with pytest.raises(ServerError, match=r"(?s)exited with status 3 before it was healthy.*no such model"):
+    with pytest.raises(ServerError, match=r"(?s)exited with status 3 before it was healthy.*no such model") as e:
         server.start()
     assert server.proc is None
+    assert error_summary(e.value) == (f"dies exited with status 3 before it was healthy (log {server.log_path}); "
+                                      "log ends: no such model: /nowhere")  # a report row's one line
 
 
 def test_a_server_that_never_answers_is_stopped_at_the_deadline(tmp_path):
