@@ -68,6 +68,15 @@ class SegmentSaveSpec:
 
 
 @dataclass
+class PinSpec:
+    """Pin (for hot_cache_ttl) or unpin the chunks `hashes` of a request's prompt, after this step's saves."""
+
+    req_id: str
+    hashes: list[bytes]
+    on: bool
+
+
+@dataclass
 class StepPlan:
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
@@ -76,4 +85,5 @@ class StepPlan:
     # Requests whose failed load the scheduler has seen (and re-planned the saves of): the worker may save
     # their chunks again. Until then it saves none of them, even with async scheduling's step in flight.
     failures_seen: set[str] = field(default_factory=set)
+    pins: list[PinSpec] = field(default_factory=list)
     idle: bool = False  # the step computes nothing (only background loads are in flight)

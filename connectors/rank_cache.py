@@ -148,6 +148,17 @@ class RankCache:
         self._saves = None
         if step:
             self.saver.finish(step)
+        if plan.pins:  # after the saves above (one save thread, in order): a pin finds the chunks it names
+            self.saver.then(self._pin, list(plan.pins))
+
+    def _pin(self, pins) -> None:
+        engine = self.engine
+        for pin in pins:
+            keys = engine.keys_of(pin.hashes)
+            if pin.on:
+                engine.pin(None, keys=keys, ttl=engine.config.hot_cache_ttl)
+            else:
+                engine.unpin(None, keys=keys)
 
     # -- step results -------------------------------------------------------------------------------------
 

@@ -128,6 +128,11 @@ class Saver:
             except Exception as e:
                 log.warning("lmcache: segment store for request %s failed: %r", spec.req_id, e)
 
+    def then(self, fn, *args) -> None:
+        """Run fn(*args) on the save thread after every save handed over so far."""
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(lambda f: f.exception() and log.warning("lmcache: %r failed: %r", fn, f.exception()))
+
     def wait_for(self, hashes) -> None:
         """Return once no save in flight stores any of `hashes` (a lookup then sees what this worker's
         earlier steps computed: read-your-writes for the scheduler)."""

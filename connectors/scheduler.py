@@ -24,8 +24,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .lookup import LookupClient, socket_path
 from .metadata import LMCacheCoreMetadata
-from .plan import LoadSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
-from .segments import SegmentError, SegmentPlan, parse_separator, request_spans
+from .plan import LoadSpec, PinSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
+from .segments import SegmentError, SegmentPlan, parse_prompt, parse_separator, request_spans
 from .spec import ConnectorSettings, attention_spec, configured_layout, parallel_ranks
 from .stats import LMCacheCoreStats
 
@@ -59,6 +59,8 @@ class _Request:
     prefix_hit: int = 0  # exact prefix tokens cached, at the last ask
     # Chunks past this many hold KV computed after loaded segments (approximate): never stored as prefix.
     prefix_save_limit: int | None = None
+    pin_chunks: int = 0  # leading chunks to pin once stored (the request's own or a configured prompt's)
+    unpin_chunks: int = 0  # leading chunks to unpin, at the request's first step
 
 
 def namespace_of(request) -> str | None:
@@ -134,6 +136,11 @@ class SchedulerHalf:
         self.segment_reuse = cache.segment_reuse
         self.separator = (parse_separator(cache.segment_separator, _tokenizer(vllm_config))
                           if cache.segment_reuse else None)
+        tokenize = _tokenizer(vllm_config)
+        # Configured prompts to keep hot: the leading tokens a prompt must start with (a text's last token
+        # dropped: at the boundary with what follows, a tokenizer may merge it differently).
+        self.pinned = [ids if text.startswith("ids:") else ids[:-1]
+                       for text, ids in ((t, parse_prompt(t, tokenize)) for t in cache.pinned_prompts)]
         self.kv_cache_manager = None
         self.stats = LMCacheCoreStats()
         self._reqs: dict[str, _Request] = {}
@@ -153,7 +160,27 @@ class SchedulerHalf:
             st = self._reqs[request.request_id] = _Request(prompt, namespace, hashes)
             if self.segment_reuse:
                 st.segments = self._segment_plan(request, st)
+            self._pin_plan(request, st)
         return st
+
+    def _pin_plan(self, request, st: _Request) -> None:
+        """What this request pins or unpins: `kv_transfer_params` {"pin": true | n tokens} or {"unpin": ...},
+        and any configured pinned prompt its prompt starts with (each such request renews that pin)."""
+        cs = self.chunk_size
+        params = getattr(request, "kv_transfer_params", None) or {}
+        for name in ("pin", "unpin"):
+            value = params.get(name)
+            if value is None or value is False:
+                continue
+            if value is True or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                n = len(st.hashes) if value is True else min(value // cs, len(st.hashes))
+                setattr(st, f"{name}_chunks", n)
+            else:
+                log.warning('lmcache: request %s: kv_transfer_params["%s"]: expected true or a token count, '
+                            "got %r; ignored", request.request_id, name, value)
+        for prefix in self.pinned:
+            if len(st.prompt) >= len(prefix) and st.prompt[:len(prefix)] == prefix:
+                st.pin_chunks = max(st.pin_chunks, len(prefix) // cs)
 
     def _segment_plan(self, request, st: _Request) -> SegmentPlan | None:
         try:
@@ -305,7 +332,18 @@ class SchedulerHalf:
                 meta.saves.append(SaveSpec(req_id, st.hashes[first:done], slots_for(block_ids, bs, first * cs, done * cs)))
                 self.stats.add("stored_tokens", (done - first) * cs)
                 st.stored_chunks = done
+            self._plan_pins(meta, req_id, st)
         return meta
+
+    def _plan_pins(self, meta: LMCacheCoreMetadata, req_id: str, st: _Request) -> None:
+        """An unpin at once; a pin once its chunks are cached or saved by this step (the workers apply pins
+        after the step's saves)."""
+        if st.unpin_chunks:
+            meta.pins.append(PinSpec(req_id, st.hashes[:st.unpin_chunks], on=False))
+            st.unpin_chunks = 0
+        if st.pin_chunks and st.stored_chunks >= st.pin_chunks:
+            meta.pins.append(PinSpec(req_id, st.hashes[:st.pin_chunks], on=True))
+            st.pin_chunks = 0
 
     def update_connector_output(self, connector_output) -> None:
         """Loads the workers finished, and how far each got. A synchronous load is reported by every rank in
@@ -353,12 +391,14 @@ class SchedulerHalf:
 
 
 def _tokenizer(vllm_config):
-    """text -> token ids with the model's tokenizer (for a text segment_separator), loaded on first use."""
-    def tokenize(text: str) -> list[int]:
+    """text -> token ids with the model's tokenizer, loaded on first use: as a piece inside a prompt (a
+    segment_separator), or with prompt=True as the start of a prompt (special tokens added as vLLM adds them
+    to a completion's prompt: a configured pinned prompt)."""
+    def tokenize(text: str, prompt: bool = False) -> list[int]:
         from transformers import AutoTokenizer
 
         mc = vllm_config.model_config
         tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
-        return tok.encode(text, add_special_tokens=False)
+        return tok.encode(text, add_special_tokens=prompt)
 
     return tokenize

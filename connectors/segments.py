@@ -64,6 +64,14 @@ def parse_separator(value: Any, tokenize: Callable[[str], list[int]] | None = No
     raise SegmentError(f"segment_separator: expected a string or a list of token ids, got {value!r}")
 
 
+def parse_prompt(value: str, tokenize: Callable[[str], list[int]]) -> list[int]:
+    """A configured prompt as token ids: "ids:1,2,3" as written, other text through `tokenize` (the model's
+    tokenizer, special tokens as it adds them to a prompt)."""
+    if value.startswith("ids:"):
+        return [int(v) for v in value[4:].split(",")]
+    return list(tokenize(value, prompt=True))
+
+
 def separator_ends(token_ids, separator: Sequence[int]) -> list[int]:
     """Positions just after each occurrence of `separator` in `token_ids`, scanning left to right without
     overlaps (matched in one numpy pass; only repetitive multi-token separators can overlap)."""

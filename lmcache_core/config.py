@@ -78,9 +78,15 @@ class CacheConfig:
         "background) to every lower tier, so other processes and instances see them at once; write_back: "
         "stores land in L1/L2 only and move down on eviction.",
         choices=("write_back", "write_through"))
+    pinned_prompts: tuple[str, ...] = _key(
+        (), "prompts", "vLLM connector: prompts whose chunks are kept hot (not evicted from L1/L2, within "
+        "max_hot_ratio, for hot_cache_ttl, renewed by every request that starts with them) as soon as they are "
+        "stored: text, tokenized with the model's tokenizer, or token ids \"ids:1,2,3\".")
     # --- L3 (local disk) ---
     local_cache_dir: str | None = _key(
-        None, "path", "L3 directory (one file per chunk; ~ expanded); null = no disk tier.", optional=True)
+        None, "path", "L3 directory (one file per chunk, *.lmc; ~ expanded); null = no disk tier. When "
+        "loading a configuration that sets max_local_cache_size (or LMCACHE_LOCAL_DISK_SIZE) but never names "
+        "this key, it is DEFAULT_DISK_DIR (created with mode 0700).", optional=True)
     max_local_cache_size: ByteSize = _key(
         ByteSize(50 * GB), "size", "L3 capacity (LMCACHE_LOCAL_DISK_SIZE is an alias).")
     disk_fsync: str = _key(
@@ -211,11 +217,22 @@ class CacheConfig:
         for name, value, source in items:  # later items are higher layers
             values[name] = _KEY_BY_NAME[name].coerce(value, source)
             origin[name] = source
+        if "max_local_cache_size" in values and "local_cache_dir" not in values:
+            # A disk size and no directory ("LMCACHE_LOCAL_DISK_SIZE=128" alone): a disk tier was asked for.
+            values["local_cache_dir"] = default_disk_dir()
+            origin["local_cache_dir"] = f"default for {origin['max_local_cache_size']}"
         try:
             return cls(**values)
         except ConfigError as e:
             named = [f"{n} from {s}" for n, s in origin.items() if re.search(rf"\b{n}\b", str(e))]
             raise ConfigError(f"{e}" + (f" ({'; '.join(named)})" if named else "")) from None
+
+
+def default_disk_dir() -> str:
+    """DEFAULT_DISK_DIR: `$XDG_CACHE_HOME/lmcache-core/chunks`, else `~/.cache/lmcache-core/chunks` (the
+    disk tier creates it with mode 0700)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lmcache-core", "chunks")
 
 
 KEYS: tuple[Key, ...] = tuple(Key(f.name, f.default, **f.metadata["key"]) for f in fields(CacheConfig))
@@ -301,7 +318,8 @@ def keys_markdown() -> str:
     rows = ["| key | section | type | default | env variable | meaning |", "|---|---|---|---|---|---|"]
     for k in KEYS:
         default = "null" if k.default is None else (str(k.default).lower() if isinstance(k.default, bool)
-                                                    else f'"{k.default}"' if k.default == "" else k.default)
+                                                    else f'"{k.default}"' if k.default == "" else
+                                                    "[]" if k.default == () else k.default)
         env = f"`{k.env_var}`" + "".join(f", `{a}`" for a, n in ENV_ALIASES.items() if n == k.name)
         rows.append(f"| `{k.name}` | {k.section} | {k.type_text()} | `{default}` | {env} | {k.meaning} |")
     return "\n".join(rows) + "\n"

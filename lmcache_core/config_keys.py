@@ -2,6 +2,7 @@
 byte sizes it may hold (`ByteSize`). `lmcache_core.config` builds the table of keys from these. MASK,
 BOOL_WORDS and did_you_mean live in `lmcache_core.remote_url` (which this module builds on)."""
 
+import json
 import math
 import os
 import re
@@ -40,7 +41,7 @@ class Key:
 
     name: str
     default: Any
-    kind: str  # int | float | seconds | bool | size | choice | str | path | url
+    kind: str  # int | float | seconds | bool | size | choice | str | path | url | prompts
     meaning: str
     section: str = "cache_config"
     optional: bool = False  # None allowed (and "", "none", "null" mean None)
@@ -59,6 +60,7 @@ class Key:
     def type_text(self) -> str:
         text = {"int": "int", "float": "float", "seconds": "seconds", "bool": "bool", "str": "string",
                 "path": "path", "url": "URL", "choice": " \\| ".join(f"`{c}`" for c in self.choices),
+                "prompts": "list of prompts (text, or \"ids:1,2,...\")",
                 "size": "size (number = GB)" if self.unit == GB else "size (number = bytes)"}[self.kind]
         return text + self._bounds() + (", or null" if self.optional else "")
 
@@ -67,6 +69,7 @@ class Key:
                 "bool": "true or false", "str": "a string", "path": "a directory path",
                 "url": "a redis://, rediss://, unix://, redis-cluster:// or rediss-cluster:// URL",
                 "choice": f"one of {', '.join(self.choices)}",
+                "prompts": "a list of prompts, each text or \"ids:<int>,<int>,...\" (environment: a JSON array)",
                 "size": f"a size like 50, 512MB or 2GiB (plain number = {'GB' if self.unit == GB else 'bytes'})",
                 }[self.kind]
         return what + self._bounds() + (", or null" if self.optional else "")
@@ -105,6 +108,12 @@ class Key:
             except ValueError:
                 raise self.fail(source, text) from None
             return self.coerce(number, source)
+        if self.kind == "prompts":
+            try:
+                value = json.loads(t)
+            except ValueError:
+                raise self.fail(source, text, "; write a JSON array of strings") from None
+            return self.coerce(value, source)
         return self.coerce(text if self.kind == "str" else t, source)
 
     def coerce(self, value: Any, source: str) -> Any:
@@ -133,6 +142,8 @@ class Key:
                 raise self.fail(source, value, hint)
             if any(not c.isprintable() for c in value):
                 raise self.fail(source, value, "; control characters are not allowed")
+        elif kind == "prompts":
+            return self._prompts(value, source)
         elif kind == "path":
             if not isinstance(value, (str, os.PathLike)) or "\0" in str(value):
                 raise self.fail(source, value)
@@ -151,6 +162,19 @@ class Key:
         if too_low or too_high or (self.multiple_of and value % self.multiple_of):
             raise self.fail(source, original)
         return value
+
+    def _prompts(self, value: Any, source: str) -> tuple[str, ...]:
+        """A tuple of non-empty prompts: text (newlines and tabs allowed) or "ids:<int>,<int>,..."."""
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise self.fail(source, value)
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise self.fail(source, value, f"; item {i} is not a non-empty string")
+            if any(not (c.isprintable() or c in "\n\t\r") for c in item):
+                raise self.fail(source, value, f"; item {i} has control characters")
+            if item.startswith("ids:") and not re.fullmatch(r"ids:\d+(,\d+)*", item):
+                raise self.fail(source, value, f"; item {i}: write token ids as ids:13,198")
+        return tuple(value)
 
     def _size(self, value: Any, source: str) -> ByteSize:
         if isinstance(value, ByteSize):

@@ -331,19 +331,19 @@ class CacheEngine:
         return got
 
     def pin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
-            keys: Sequence[ChunkKey] | None = None) -> int:
-        """Pin the chunks (never evicted from L1/L2 until `unpin`); chunks found only on disk or in Redis are
-        brought into memory first. Returns tokens pinned (pinned bytes are capped by max_hot_ratio)."""
+            keys: Sequence[ChunkKey] | None = None, ttl: float | None = None) -> int:
+        """Pin the chunks: not evicted from L1/L2 until `unpin` (ttl None) or for `ttl` seconds, in every
+        memory tier holding them, also after a promotion or a later store; chunks found only on disk or in
+        Redis are brought into memory first. Returns tokens pinned now (pinned bytes are capped by
+        max_hot_ratio). token_ids None: `keys` are the chunks."""
         keys = self._keys(token_ids, mode, namespace, keys)
         self.tiers.bring_into_memory(keys)
-        pinned = [any(tier.pin([k])[0] for tier in self.tiers.memory) for k in keys]
-        return sum(pinned) * self.config.chunk_size
+        return sum(self.tiers.pin(keys, ttl)) * self.config.chunk_size
 
     def unpin(self, token_ids, *, mode: str = "prefix", namespace: str | None = None,
               keys: Sequence[ChunkKey] | None = None) -> None:
-        keys = self._keys(token_ids, mode, namespace, keys)
-        for tier in self.tiers.memory:
-            tier.unpin(keys)
+        """The chunks are ordinary LRU entries again (neither pinned nor hot)."""
+        self.tiers.unpin(self._keys(token_ids, mode, namespace, keys))
 
     def lookup_batch(self, token_lists: Sequence, *, mode: str = "prefix", namespace: str | None = None) -> list[int]:
         """`lookup` for many requests with one batched call per tier (shared prefixes asked once)."""

@@ -1,8 +1,8 @@
 """Eviction policy for the memory tiers: LRU order, with pinned and hot keys never chosen as victims.
 
-A key is pinned while its pin count is above zero (explicit `pin`), and hot until its hot deadline passes
-(it crossed `hot_hit_threshold` hits, or was stored with `pin=True` and a TTL). Pinned plus hot bytes are
-capped by the tier (`max_hot_ratio`), so protected data can never starve the cache.
+A key is pinned from `pin` until `unpin` (a flag: pinning twice and unpinning once leaves it unpinned), and
+hot until its hot deadline passes (it crossed `hot_hit_threshold` hits, or was stored or pinned with a TTL).
+Pinned plus hot bytes are capped by the tier (`max_hot_ratio`), so protected data can never starve the cache.
 """
 
 import time
@@ -16,7 +16,7 @@ class LRUPolicy:
         self.max_protected_bytes = max_protected_bytes
         self._order: OrderedDict[Hashable, int] = OrderedDict()  # key -> bytes, least recent first
         self._hits: dict[Hashable, int] = {}
-        self._pins: dict[Hashable, int] = {}
+        self._pins: set[Hashable] = set()
         self._hot_until: dict[Hashable, float] = {}
         self._hot_hit_threshold = hot_hit_threshold
         self._hot_ttl = hot_ttl
@@ -44,7 +44,7 @@ class LRUPolicy:
     def remove(self, key) -> None:
         self._order.pop(key, None)
         self._hits.pop(key, None)
-        self._pins.pop(key, None)
+        self._pins.discard(key)
         self._hot_until.pop(key, None)
 
     def _fits(self, key) -> bool:
@@ -54,18 +54,17 @@ class LRUPolicy:
         return self.protected_bytes() + self._order.get(key, 0) <= self.max_protected_bytes
 
     def pin(self, key) -> bool:
-        """Pin `key` (counted); False when the protected-bytes cap would be exceeded."""
+        """Pin `key` until `unpin`; False when the protected-bytes cap would be exceeded."""
         if key not in self._order or not self._fits(key):
             return False
-        self._pins[key] = self._pins.get(key, 0) + 1
+        self._pins.add(key)
         return True
 
     def unpin(self, key) -> None:
-        count = self._pins.get(key, 0) - 1
-        if count > 0:
-            self._pins[key] = count
-        else:
-            self._pins.pop(key, None)
+        """No longer protected: neither pinned nor hot (it may become hot again by its hits)."""
+        self._pins.discard(key)
+        self._hot_until.pop(key, None)
+        self._hits.pop(key, None)
 
     def make_hot(self, key, ttl: float | None = None) -> bool:
         """Protect `key` for `ttl` seconds (default hot_cache_ttl); False when over the protected cap."""

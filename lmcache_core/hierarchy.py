@@ -13,6 +13,7 @@ A byte-tier chunk that fails verification is deleted there, counted, and treated
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -57,6 +58,11 @@ class TierStack:
         # (shape, dtype) of every chunk of this cache, once the engine knows its KV spec: a byte-tier chunk
         # whose (checksummed, but possibly forged) header says otherwise is corrupt, never copied out.
         self.expect: tuple[tuple[int, ...], torch.dtype] | None = None
+        # Pins (the engine's `pin`): key -> monotonic deadline, None until `unpin`. A pinned chunk is protected
+        # in every memory tier that holds it, also in one it reaches later (promotion, prefetch, a new store).
+        self._pins: dict[ChunkKey, float | None] = {}
+        for tier in self.memory:
+            tier.on_insert = lambda key, tier=tier: self._repin(tier, key)
         if write_policy == "write_back":
             for upper, lower in zip(self.memory, self.memory[1:]):
                 upper.on_evict = lambda key, t, upper=upper, lower=lower: lower.put(
@@ -204,6 +210,42 @@ class TierStack:
         located = [key for key, t in zip(keys, self.locate(keys)) if t is not None and t >= len(self.memory)]
         for group in _groups(located):
             self._prefetch_group(group)
+
+    # -- pins -------------------------------------------------------------------------------------------
+
+    def pin(self, keys: Sequence[ChunkKey], ttl: float | None = None) -> list[bool]:
+        """Protect each key in every memory tier holding it, until `unpin` (ttl None) or for `ttl` seconds;
+        True where some memory tier protects it now (max_hot_ratio may refuse)."""
+        deadline = None if ttl is None else time.monotonic() + ttl
+        with self._lock:
+            self._pins.update((key, deadline) for key in keys)
+        held = [False] * len(keys)
+        for tier in self.memory:
+            held = [h or got for h, got in zip(held, tier.pin(keys, ttl))]
+        return held
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._pins.pop(key, None)
+        for tier in self.memory:
+            tier.unpin(keys)
+
+    def _repin(self, tier: MemoryTier, key: ChunkKey) -> None:
+        with self._lock:
+            if key not in self._pins:
+                return
+            deadline = self._pins[key]
+            if deadline is not None and deadline <= time.monotonic():
+                del self._pins[key]
+                return
+        tier.pin([key], None if deadline is None else deadline - time.monotonic())
+
+    def pinned_keys(self) -> int:
+        """Chunks pinned now (expired pins not counted)."""
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for d in self._pins.values() if d is None or d > now)
 
     # -- prefetch ---------------------------------------------------------------------------------------
 

@@ -139,6 +139,7 @@ class MemoryTier(Tier[torch.Tensor]):
         self._retired: dict[int, torch.Tensor] = {}  # entries removed while read, freed by their last reader
         self._lock = threading.RLock()
         self.on_evict: Callable[[ChunkKey, torch.Tensor], None] | None = None
+        self.on_insert: Callable[[ChunkKey], None] | None = None  # a key just became visible (the engine's pins)
 
     # -- reads ------------------------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class MemoryTier(Tier[torch.Tensor]):
             if dst is None:
                 return None
             self._used += self._nbytes(dst)  # reserved: counted, not yet visible
-        filled = False
+        filled = inserted = False
         try:
             filled = fill(dst)  # outside the lock; the key is not visible yet
         finally:
@@ -295,6 +296,9 @@ class MemoryTier(Tier[torch.Tensor]):
                     if hot_ttl is not None:
                         self._policy.make_hot(key, hot_ttl)
                     self.stats.bytes_written += dst.nbytes
+                    inserted = True
+        if inserted and self.on_insert is not None:  # outside the lock (it may take other locks)
+            self.on_insert(key)
         return bool(filled)
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
@@ -303,9 +307,11 @@ class MemoryTier(Tier[torch.Tensor]):
                 if k in self._entries:
                     self._remove(k)
 
-    def pin(self, keys: Sequence[ChunkKey]) -> list[bool]:
+    def pin(self, keys: Sequence[ChunkKey], ttl: float | None = None) -> list[bool]:
+        """Protect each key from eviction: until `unpin` (ttl None) or for `ttl` seconds (hot); False where the
+        key is absent or max_hot_ratio would be exceeded."""
         with self._lock:
-            return [self._policy.pin(k) for k in keys]
+            return [self._policy.pin(k) if ttl is None else self._policy.make_hot(k, ttl) for k in keys]
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         with self._lock:

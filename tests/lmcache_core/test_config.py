@@ -44,6 +44,7 @@ SAMPLES = {
     "compression_level": ("-3", -3), "compression_min_ratio": ("1.5", 1.5), "batch_size": ("8", 8),
     "host_memory_headroom": ("4GiB", 4 * GiB), "device_memory_headroom": ("512MiB", 512 * MiB),
     "async_load": ("false", False), "layerwise": ("on", "on"), "lookup_timeout": ("0.25", 0.25),
+    "pinned_prompts": ('["You are a helpful bot.\\n", "ids:1,2,3"]', ("You are a helpful bot.\n", "ids:1,2,3")),
 }
 
 
@@ -163,7 +164,8 @@ def test_every_key_settable_from_env_file_and_overrides(name, tmp_path):
     key = next(k for k in KEYS if k.name == name)
     from_env = CacheConfig.load(env={"LMCACHE_" + name.upper(): text})
     assert getattr(from_env, name) == expected
-    as_yaml = text if key.kind in ("str", "path", "url", "size", "choice") else expected
+    as_yaml = text if key.kind in ("str", "path", "url", "size", "choice") else (
+        list(expected) if isinstance(expected, tuple) else expected)
     from_file = CacheConfig.from_file(write(tmp_path, yaml.safe_dump({name: as_yaml})))
     from_overrides = CacheConfig.load(env={}, overrides={name: getattr(from_env, name)})
     assert from_file == from_env == from_overrides
@@ -320,3 +322,32 @@ def test_markdown_table_covers_every_key_once_and_its_defaults_parse_back():
         shown = row.split(" | ")[3].strip("`")
         if key.default is not None and key.kind != "str":
             assert key.from_text(shown, "table") == key.default, key.name
+
+
+def test_environment_only_set_up_as_the_deployment_guide_writes_it(monkeypatch, tmp_path):
+    """`LMCACHE_LOCAL_DISK_SIZE=128` alone asks for a disk tier: it gets the default directory (not silently
+    none); `LMCACHE_REMOTE_URL` alone is Redis without a disk; both, both; a size with an explicit null
+    directory is no disk, as written."""
+    from lmcache_core.config import default_disk_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_disk_dir() == str(tmp_path / "lmcache-core" / "chunks")
+    disk = CacheConfig.from_env({"LMCACHE_LOCAL_DISK_SIZE": "128"})
+    assert (disk.local_cache_dir, disk.max_local_cache_size, disk.remote_url) == (default_disk_dir(), 128 * GB, None)
+    remote = CacheConfig.from_env({"LMCACHE_REMOTE_URL": "redis://10.0.0.1:6379"})
+    assert remote.local_cache_dir is None and remote.remote_url.nodes == (("10.0.0.1", 6379),)
+    both = CacheConfig.from_env({"LMCACHE_LOCAL_DISK_SIZE": "128", "LMCACHE_REMOTE_URL": "redis://10.0.0.1:6379"})
+    assert both.local_cache_dir == default_disk_dir() and both.remote_url is not None
+    off = CacheConfig.load(env={"LMCACHE_LOCAL_DISK_SIZE": "128"}, overrides={"local_cache_dir": None})
+    assert off.local_cache_dir is None
+    named = CacheConfig.from_env({"LMCACHE_LOCAL_DISK_SIZE": "1", "LMCACHE_LOCAL_CACHE_DIR": str(tmp_path / "x")})
+    assert named.local_cache_dir == str(tmp_path / "x")
+
+
+def test_pinned_prompts_are_checked():
+    with pytest.raises(ConfigError, match="pinned_prompts: expected a list of prompts"):
+        CacheConfig(pinned_prompts="just one string")
+    with pytest.raises(ConfigError, match="item 1: write token ids as ids:13,198"):
+        CacheConfig(pinned_prompts=["fine", "ids:1,x"])
+    with pytest.raises(ConfigError, match="env LMCACHE_PINNED_PROMPTS: .*write a JSON array of strings"):
+        CacheConfig.from_env({"LMCACHE_PINNED_PROMPTS": "not json"})

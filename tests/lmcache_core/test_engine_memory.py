@@ -122,6 +122,44 @@ def test_pinned_chunks_survive_eviction_until_unpinned():
     assert e.lookup(keep) == 0
 
 
+def test_a_pin_follows_its_chunk_into_every_memory_tier():
+    """Pinned while only L2 held it: once a read promotes it into L1, it is pinned there too, and L1 traffic
+    twice L1's size passes by it; unpinned, it goes like any LRU entry."""
+    e = make_engine(l1_chunks=4, l2_chunks=8, max_hot_ratio=0.5, hot_hit_threshold=0, write_policy="write_back")
+    keep = tokens(CS, seed=200)
+    e.store(keep, kv_for(CS))
+    for s in range(8):  # pushes `keep` out of L1 into L2 (write-back demotion)
+        e.store(tokens(CS, seed=s), kv_for(CS))
+    l1, l2 = e.tiers.memory
+    key = e.keys(keep)
+    assert l1.contains(key) == [False] and l2.contains(key) == [True]
+    assert e.pin(keep) == CS
+    e.retrieve(keep)  # promoted into L1
+    assert l1.contains(key) == [True] and e.stats()["L1"]["pinned_bytes"] == CHUNK_BYTES
+    for s in range(100, 108):
+        e.store(tokens(CS, seed=s), kv_for(CS))
+    assert l1.contains(key) == [True]
+    e.unpin(keep)
+    assert e.stats()["L1"]["pinned_bytes"] == 0
+    for s in range(200, 208):
+        e.store(tokens(CS, seed=s), kv_for(CS))
+    assert l1.contains(key) == [False]
+
+
+def test_a_pin_with_a_ttl_expires_and_a_pin_survives_a_later_store():
+    e = make_engine(l2_chunks=2, max_hot_ratio=0.5, hot_hit_threshold=0)
+    sys_prompt = tokens(CS, seed=9)
+    assert e.pin(sys_prompt, ttl=0.3) == 0  # not stored yet: nothing to pin now...
+    e.store(sys_prompt, kv_for(CS))  # ...but the pin waits for it
+    for s in range(3):
+        e.store(tokens(CS, seed=s), kv_for(CS))
+    assert e.lookup(sys_prompt) == CS
+    time.sleep(0.35)
+    for s in range(3, 6):
+        e.store(tokens(CS, seed=s), kv_for(CS))
+    assert e.lookup(sys_prompt) == 0
+
+
 def test_pins_are_capped_by_max_hot_ratio():
     e = make_engine(l2_chunks=4, max_hot_ratio=0.25, hot_hit_threshold=0)
     toks = tokens(32)
