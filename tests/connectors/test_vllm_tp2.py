@@ -11,7 +11,6 @@ import json
 from collections import Counter
 
 import pytest
-import redis
 
 from tests.connectors.prompts import COLD_WARM
 from tests.connectors.vllm_helpers import (
