@@ -56,9 +56,9 @@ class _StubServer(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
     def _event(self, obj):
+        self.sent[0] += 1  # counted before it goes out: a client that has it never reads the count before it
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         self.wfile.flush()
-        self.sent[0] += 1
 
     def log_message(self, *args):
         pass
