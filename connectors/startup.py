@@ -18,14 +18,13 @@ def _size(n: int) -> str:
 def describe_engine(engine) -> str:
     """Tiers (sizes, the L3 directory, the L4 nodes with any password masked), codec, chunk size, metrics."""
     cfg = engine.config
-    parts = [f"{t.name} {_size(t.capacity)}" for t in engine.tiers.memory] or ["no memory tier"]
-    names = {t.name for t in engine.tiers.memory}
-    parts += [f"{n} off" for n in ("L1", "L2") if n not in names]
+    held = {t.name: t.capacity for t in engine.tiers.memory}
+    parts = [f"{n} {_size(held[n])}" if n in held else f"{n} off" for n in ("L1", "L2")]
     if cfg.local_cache_dir:
         parts.append(f"L3 {cfg.local_cache_dir} ({_size(int(cfg.max_local_cache_size))})")
     if cfg.remote_url is not None:
         parts.append(f"L4 {cfg.remote_url}")  # RemoteURL prints its password as ***
-    parts.append(f"codec {cfg.effective_codec}, chunk {cfg.chunk_size} tokens, write {cfg.write_policy}")
+    parts.append(f"codec {cfg.effective_codec}, chunk {cfg.chunk_size} tokens, {cfg.write_policy.replace('_', '-')}")
     if cfg.metrics_port is not None:
         parts.append(f"metrics :{cfg.metrics_port}")
     return ", ".join(parts)

@@ -81,7 +81,7 @@ def plan_memory(cfg: CacheConfig, device: torch.device, *, workers: int = 1, hos
             setting = "max_device_cache_size" if cfg.max_device_cache_size else "max_gpu_cache_ratio"
             notes.append(f"L1: asked {_gb(asked)} ({setting}), {_gb(free)} free on {device} after {reserved_by}, "
                          f"{_gb(int(cfg.device_memory_headroom))} kept free (device_memory_headroom): L1 = "
-                         f"{_gb(l1)}; {knobs or 'give the device more room'} to give it more")
+                         f"{_gb(l1)}; {knobs or 'free device memory'} to give it more, or ask for less ({setting})")
     elif cfg.max_device_cache_size:
         host_asked = {"L1": int(cfg.max_device_cache_size) // workers, **host_asked}
     wanted = sum(host_asked.values())
@@ -93,9 +93,9 @@ def plan_memory(cfg: CacheConfig, device: torch.device, *, workers: int = 1, hos
             sizes = {name: asked * room // wanted for name, asked in host_asked.items()}
             per = f" per worker ({workers} on this node)" if workers > 1 else ""
             for name, asked in host_asked.items():
+                setting = "max_local_cpu_size" if name == "L2" else "max_device_cache_size"
                 notes.append(f"{name}: asked {_gb(asked)}{per}, {_gb(available)} of host memory available after "
                              f"{reserved_by}, {_gb(int(cfg.host_memory_headroom))} kept free "
                              f"(host_memory_headroom): {name} = {_gb(sizes[name])}; "
-                             f"{knobs or 'free host memory'} or lower "
-                             f"{'max_local_cpu_size' if name == 'L2' else 'max_device_cache_size'}")
+                             f"{knobs or 'free host memory'} to give it more, or ask for less ({setting})")
     return MemoryPlan(sizes.get("L1", l1), sizes["L2"], tuple(notes))

@@ -20,7 +20,8 @@ def test_example_yaml_on_an_80gb_gpu_at_vllms_default_utilization():
     assert plan.l2_bytes == 5 * GB
     (note,) = plan.notes
     assert note.startswith("L1: asked 22.35 GiB (max_gpu_cache_ratio), 7.45 GiB free on cuda:0 after vLLM's KV cache")
-    assert "L1 = 5.45 GiB" in note and "lower --gpu-memory-utilization" in note
+    assert note.endswith("L1 = 5.45 GiB; lower --gpu-memory-utilization to give it more, or ask for less "
+                         "(max_gpu_cache_ratio)")
 
 
 def test_l1_within_free_memory_is_not_touched():
