@@ -22,7 +22,7 @@ from bench.ttft import metrics
 from bench.ttft.client import stream_completion
 from bench.ttft.server_plan import TOKEN_IDS, Plan
 from bench.ttft.servers import ServerError, error_summary
-from bench.ttft.serving import warm
+from bench.ttft.serving import wait_for_disk, warm
 
 COLUMNS = ["setting", "tier", "status", "new_requests", "new_ttft_p50_s", "new_ttft_max_s", "itl_p50_ms",
            "itl_p99_ms", "itl_max_ms", "itl_before_p50_ms", "hit_rate", "loaded_tok", "note"]
@@ -125,6 +125,7 @@ def run_mixed(plan: Plan, workload, compare: list[dict], decoders: int, decode_t
     try:
         with plan.running("mixed-warm", plan.spec(connector=plan.ours_extra(**compare[0]))) as server:
             warm(plan, server, workload, "mixed")
+            disk_note = wait_for_disk(plan, workload)
     except (ServerError, OSError, RuntimeError) as e:
         return [{"setting": "warm-up", "tier": "", "status": "failed", "note": error_summary(e)}], []
     tiers = [("L3", {})] + ([("L4", {"disk": False})] if plan.remote_url else [])
@@ -146,7 +147,7 @@ def run_mixed(plan: Plan, workload, compare: list[dict], decoders: int, decode_t
             row.update(status="failed", reason=f"first tokens differ from {ref['setting']}'s on {row['tier']}")
         row["note"] = "; ".join(filter(None, [row.get("reason"), *row.get("notes", [])]))
     notes = [f"mixed: {decoders} decoders x {decode_tokens} tokens; {len(news)} new requests of "
-             f"{max(len(r.tokens) for r in news)} tokens at most, one after another"]
+             f"{max(len(r.tokens) for r in news)} tokens at most, one after another", *filter(None, [disk_note])]
     if not plan.remote_url:
         notes.append("mixed: L4 rows need --remote-url")
     return rows, notes + compare_notes(rows)

@@ -91,7 +91,7 @@ def _l3_files(path: str) -> int:
     return sum(name.endswith(".lmc") for _, _, names in os.walk(path) for name in names)
 
 
-def _wait_for_disk(plan: Plan, workload, deadline_s: float = 60.0) -> str | None:
+def wait_for_disk(plan: Plan, workload, deadline_s: float = 60.0) -> str | None:
     """Wait until L3 holds every chunk of the warm-up (written in the background); a note if it did not."""
     want = distinct_chunks(workload.warmup, plan.chunk_size)
     end = time.monotonic() + deadline_s
@@ -141,7 +141,7 @@ def _ours(plan: Plan, workload, wanted) -> list[Result]:
                 out["ours-L2"] = measure(plan, server, "ours-L2", workload, reset=False)
             for r in out.values():
                 r.warmup_s = warmup_s
-            disk_note = _wait_for_disk(plan, workload)
+            disk_note = wait_for_disk(plan, workload)
         if "ours-L3" in names:
             with plan.running("ours-restarted", plan.spec(connector=extra)) as server:
                 out["ours-L3"] = measure(plan, server, "ours-L3", workload, reset=True)
