@@ -44,6 +44,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TRITON_GPU_DIR)/.installed $(LMCACHE_DIR)/.installed
 	bash scripts/ensure_redis.sh $(VENV)
+	bash scripts/ensure_promtool.sh
 	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=$(TRITON) PEER_LMCACHE_DIR=$(LMCACHE_DIR) $(BIN)/python -m pytest -q
 	TRITON_INTERPRET=1 EXPECT_TRITON_VERSION=$(TRITON_GPU) PYTHONPATH=$(TRITON_GPU_DIR) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/kernels

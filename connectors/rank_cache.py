@@ -16,6 +16,7 @@ Each step:
 """
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -188,10 +189,16 @@ class RankCache:
         if now - self._last_snapshot < 1.0:
             return None
         self._last_snapshot = now
-        spec = self.engine.spec
-        return {f"{spec.pp_rank}/{spec.tp_rank}": {
-            name: {**{g: s[g] for g in TIER_GAUGES}, "corrupt": s["corrupt"], "errors": dict(s["errors"])}
-            for name, s in self.engine.stats().items()}}
+        spec, cfg = self.engine.spec, self.engine.config
+        tiers = {name: {**{g: s[g] for g in TIER_GAUGES}, "corrupt": s["corrupt"], "errors": dict(s["errors"])}
+                 for name, s in self.engine.stats().items()}
+        if cfg.local_cache_dir and "L3" in tiers:  # the filesystem under the disk tier (alert: over 80% full)
+            try:
+                fs = os.statvfs(cfg.local_cache_dir)
+                tiers["L3"].update(fs_size_bytes=fs.f_blocks * fs.f_frsize, fs_avail_bytes=fs.f_bavail * fs.f_frsize)
+            except OSError:
+                pass
+        return {f"{spec.pp_rank}/{spec.tp_rank}": tiers}
 
     def close(self) -> None:
         """Stop answering lookups, finish every load and save in flight, write back and close the engine."""

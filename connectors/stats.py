@@ -20,6 +20,8 @@ Counted once per request by the scheduler half (never once per rank):
 Per worker rank (label rank="<pp>/<tp>") and tier (label tier="L1".."L4"), sent at most once a second:
     vllm:lmcache_tier_used_bytes, _capacity_bytes, _entries, _pinned_bytes    (gauges)
     vllm:lmcache_tier_errors_total{kind}, vllm:lmcache_tier_corrupt_total     (counters: faults, each a miss)
+    vllm:lmcache_disk_size_bytes, vllm:lmcache_disk_avail_bytes  (gauges: the filesystem under local_cache_dir)
+deploy/prometheus/lmcache-alerts.yml alerts on these.
 """
 
 from dataclasses import dataclass, field
@@ -124,6 +126,9 @@ class LMCacheCorePromMetrics(KVConnectorPromMetrics):
                                               documentation="Cache tier faults by kind (each one was a miss).")
         self._tier_corrupt = self._counter_cls(name="vllm:lmcache_tier_corrupt", labelnames=tier_labels,
                                                documentation="Stored chunks that failed verification (deleted).")
+        self._disk = {k: self._gauge_cls(name=f"vllm:lmcache_disk_{k}_bytes", labelnames=[*labelnames, "rank"],
+                                         documentation=f"{k.capitalize()} bytes of the filesystem under the disk "
+                                         "tier's directory.", multiprocess_mode="mostrecent") for k in ("size", "avail")}
         self._values = per_engine_labelvalues
         self._counters = {(idx, name): metric.labels(*values) for idx, values in per_engine_labelvalues.items()
                           for name, metric in counters.items()}
@@ -150,6 +155,9 @@ class LMCacheCorePromMetrics(KVConnectorPromMetrics):
                 self._count(self._tier_corrupt.labels(*labels), (engine_idx, rank, tier), s["corrupt"])
                 for kind, n in s["errors"].items():
                     self._count(self._tier_errors.labels(*labels, kind), (engine_idx, rank, tier, kind), n)
+                if "fs_size_bytes" in s:
+                    self._disk["size"].labels(*values, rank).set(s["fs_size_bytes"])
+                    self._disk["avail"].labels(*values, rank).set(s["fs_avail_bytes"])
 
     def _count(self, counter, key: tuple, total: int) -> None:
         """Advance `counter` to a worker's cumulative `total` (a restarted worker starts again from 0)."""
