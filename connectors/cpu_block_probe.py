@@ -5,7 +5,7 @@ vLLM's CPU attention backend (vllm/v1/attention/backends/cpu_attn.py) hands ever
 Python can tell (cpu_attn.py views it as `(NB, H, 2*BS, D)` and chunks dim 2). But the C++ op that writes
 new tokens, `torch.ops._C.cpu_attn_reshape_and_cache`, lays each tile out the way its ISA's attention kernel
 likes to read it (ISA "vec": K stored transposed, `[D, BS]`; "amx": VNNI-packed tiles; ...), so a token's
-bytes are not where the Python view says. `connectors.layouts` therefore only moves whole blocks.
+bytes are not where the Python view says. `connectors.vllm_layouts` therefore only moves whole blocks.
 
 This module recovers the in-block element order *empirically*, from vLLM's own op, so single tokens can be
 read and written at arbitrary slots, in canonical form (K and V as `[N, H, D]`):

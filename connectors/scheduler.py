@@ -26,7 +26,8 @@ from .lookup import LookupClient, socket_path
 from .metadata import LMCacheCoreMetadata
 from .plan import LoadSpec, PinSpec, SaveSpec, SegmentLoadSpec, SegmentSaveSpec, slots_for
 from .segments import SegmentError, SegmentPlan, parse_prompt, parse_separator, request_spans
-from .spec import ConnectorSettings, attention_spec, configured_layout, parallel_ranks
+from .settings import ConnectorSettings
+from .vllm_config import attention_spec, configured_layout, parallel_ranks
 from .stats import LMCacheCoreStats
 
 log = logging.getLogger(__name__)

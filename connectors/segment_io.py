@@ -1,17 +1,18 @@
 """Worker side of segment reuse: per-token KV moves for any layout, and the re-rotation of loaded segments.
 
 Segments land at arbitrary positions, so their moves are per token, not per block. vLLM's CPU backend lays
-a block's bytes out privately per ISA (`connectors.cpu_block_probe`): there, loads go through vLLM's own
-`cpu_attn_reshape_and_cache` (what the backend itself writes new tokens with) and saves through the probed
-in-block layout; every other layout moves tokens with `scatter_kv` / `gather_kv`.
+a block's bytes out privately per ISA (`connectors.cpu_block_probe`): there, tokens move through the in-block
+layout probed from vLLM's own `cpu_attn_reshape_and_cache` at start-up (`cpu_blocks.gather_tokens` /
+`scatter_tokens`, which write byte for byte what that op writes: tested); every other layout moves tokens
+with `scatter_kv` / `gather_kv`.
 """
 
 import torch
 
 from kernels import gather_kv, rope_shift, scatter_kv
 
-from .cpu_block_probe import attn_isa, probe_block_layout, vllm_reshape_and_cache
-from .cpu_blocks import gather_tokens
+from .cpu_block_probe import attn_isa, probe_block_layout
+from .cpu_blocks import gather_tokens, scatter_tokens
 from .segments import RopeParams
 
 
@@ -29,14 +30,11 @@ class TokenMover:
 
     def scatter(self, kv: torch.Tensor, slots: torch.Tensor, *, first_layer: int = 0) -> None:
         """kv `[L', 2, N, H, D]`: layers [first_layer, first_layer + L') into `slots`."""
-        layers = range(first_layer, first_layer + kv.shape[0])
         if self.cpu is None:
-            caches = self.caches if self.layout.has_layers else self.caches[layers.start:layers.stop]
+            caches = self.caches if self.layout.has_layers else self.caches[first_layer:first_layer + kv.shape[0]]
             scatter_kv(kv, caches, slots, self.layout, validate=False)
             return
-        isa, _ = self.cpu
-        for i, layer in enumerate(layers):
-            vllm_reshape_and_cache(self.caches[layer], kv[i, 0], kv[i, 1], slots, isa)
+        scatter_tokens(kv, self.caches[first_layer:first_layer + kv.shape[0]], slots, self.cpu[1])
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         if self.cpu is None:

@@ -19,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
 from .logs import attach_to_vllm_logging
 from .scheduler import SchedulerHalf
-from .spec import load_settings
+from .settings import load_settings
 from .stats import LMCacheCorePromMetrics, LMCacheCoreStats
 from .worker import WorkerHalf
 

@@ -20,14 +20,14 @@ from kernels.paged_kv import resolve_paged
 from lmcache_core import CacheEngine
 from lmcache_core.budget import plan_memory
 
-from .layouts import detect_layout
+from .vllm_layouts import detect_layout
 from .lookup import socket_path
 from .plan import StepPlan
 from .rank_cache import RankCache
 from .segment_io import TokenMover
 from .segments import rope_params
-from .spec import (ConnectorSettings, attention_spec, backend_name, configured_layout, kv_spec, vllm_layout_name,
-                   worker_rank)
+from .settings import ConnectorSettings
+from .vllm_config import attention_spec, backend_name, configured_layout, kv_spec, vllm_layout_name, worker_rank
 from .startup import describe_engine, warm_up_kernels
 from .stats import LMCacheCoreStats
 

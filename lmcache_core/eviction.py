@@ -85,6 +85,11 @@ class LRUPolicy:
             return False
         return True
 
+    def sizes(self) -> dict[str, int]:
+        """How much bookkeeping the policy holds: keys, hit counters, pins, hot deadlines (a leak check)."""
+        return {"keys": len(self._order), "hit_counts": len(self._hits), "pins": len(self._pins),
+                "hot": len(self._hot_until)}
+
     def protected_bytes(self) -> int:
         return sum(n for k, n in self._order.items() if self.is_protected(k))
 

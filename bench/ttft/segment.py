@@ -39,7 +39,7 @@ def segment_overrides(scenario: str, separator) -> dict:
 def ours_segment(ctx: Context, scenario: str) -> Result:
     """One of SEGMENT_SCENARIOS in an LLM of its own: the warm-up round, the TTFT round (connector statistics
     per request) and, once recompute made the reference, the quality round."""
-    from connectors.spec import load_settings
+    from connectors.settings import load_settings
 
     if not ctx.workload.separator:
         return skipped(scenario, f"measures the rag workload (passages joined by a separator), not "

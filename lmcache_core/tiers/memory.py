@@ -318,6 +318,13 @@ class MemoryTier(Tier[torch.Tensor]):
             for k in keys:
                 self._policy.unpin(k)
 
+    def sizes(self) -> dict[str, int]:
+        """How much bookkeeping the tier holds (entries, recorded positions, entries being read, entries removed
+        while read, and its eviction policy's): bounded by the capacity, never by the keys seen."""
+        with self._lock:
+            return {"entries": len(self._entries), "positions": len(self._positions), "readers": len(self._readers),
+                    "retired": len(self._retired), **{f"policy_{k}": v for k, v in self._policy.sizes().items()}}
+
     def usage(self) -> TierUsage:
         with self._lock:
             return TierUsage(self._used, self.capacity, len(self._entries), self._policy.protected_bytes())

@@ -331,10 +331,10 @@ def test_layer_views_as_vllm_builds_them(dtype, order, padded):
 
 @pytest.mark.parametrize("dtype,bs,h,d", CONFIGS[::3])
 def test_whole_blocks_agree_with_the_whole_block_path(dtype, bs, h, d):
-    """The current path (connectors.layouts `vllm_cpu`, whole blocks through the kernels' gather_kv) and
+    """The current path (connectors.vllm_layouts `vllm_cpu`, whole blocks through the kernels' gather_kv) and
     per-token access round-trip whole blocks to the same bytes; the two stagings differ exactly by the
     probed permutation (the whole-block path stages the block in the Python view's order)."""
-    from connectors.layouts import detect_layout
+    from connectors.vllm_layouts import detect_layout
     from kernels import gather_kv, scatter_kv
 
     isa = _isa(dtype, bs, d)

@@ -10,7 +10,7 @@ Cases vLLM cannot produce on this CPU machine (GPU backends) are built by hand: 
 import pytest
 import torch
 
-from connectors.layouts import detect_layout
+from connectors.vllm_layouts import detect_layout
 from kernels import KVLayoutError, gather_kv, scatter_kv
 from tests.helpers import assert_bytes_equal
 

@@ -4,7 +4,8 @@
 import pytest
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-from connectors.spec import load_settings, model_fingerprint
+from connectors.settings import load_settings
+from connectors.vllm_config import model_fingerprint
 from connectors.stats import LMCacheCorePromMetrics, LMCacheCoreStats
 from connectors.vllm_v1 import LMCacheCoreConnector
 from lmcache_core import ConfigError

@@ -350,7 +350,10 @@ def test_retrieve_chunks_from_l1_reads_the_entry_in_place_and_promotes_l2_hits()
     toks, kv = tokens(64), kv_for(64)
     e.store(toks, kv)
     l1 = e.tiers.memory[0]
-    entries = {l1._entries[k].data_ptr() for k in e.keys(toks)}
+    held = [l1.open(k, count=False) for k in e.keys(toks)]
+    entries = {h.tensor.data_ptr() for h in held}
+    for h in held:
+        h.close()
     handed = []
     e.retrieve_chunks(toks, lambda i, c: handed.append(c.data_ptr()))
     assert set(handed) == entries  # the entries themselves: no copy

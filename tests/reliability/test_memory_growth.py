@@ -82,8 +82,11 @@ def test_long_run_rss_stays_flat(tmp_path, redis_node):
     assert after - before < MARGIN, f"RSS grew {(after - before) / 2**20:.1f} MiB over {OPS} operations"
     # bookkeeping bounded by the caps, not by the operations or keys seen
     for tier in e.tiers.memory:
-        assert len(tier._entries) == len(tier._policy) == stats[tier.name]["entries"]
-        assert len(tier._policy._hits) <= len(tier._policy) and len(tier._policy._pins) == 0
+        sizes = tier.sizes()
+        assert sizes["entries"] == sizes["policy_keys"] == stats[tier.name]["entries"], sizes
+        assert sizes["policy_hit_counts"] <= sizes["entries"] and sizes["policy_pins"] == 0, sizes
+        assert sizes["positions"] <= sizes["entries"] and sizes["readers"] == sizes["retired"] == 0, sizes
+    assert e.tiers.pinned_keys() == 0, "every pin was released"
     disk = e.tiers.byte_tiers[0]
     disk.rescan()
     disk.rescan()  # two idle rescans forget every removal recorded before them
@@ -91,5 +94,5 @@ def test_long_run_rss_stays_flat(tmp_path, redis_node):
     assert sizes["entries"] == stats["L3"]["entries"] <= L3_FILES and sizes["lru"] <= 2 * L3_FILES + LRU_SLACK
     assert (sizes["writing"], sizes["cancel"], sizes["removing"], sizes["removed"]) == (0, 0, 0, 0), sizes
     assert not e.tiers._prefetching and not e.tiers._pending_writes
-    assert len(e._local_locks._held) == 0, "every claim was released or stored"
+    assert e.locks_held() == 0, "every claim was released or stored"
     e.close()

@@ -139,7 +139,7 @@ def detect_layout(backend: str, shape: Sequence[int], vllm_layout: str | None) -
     if len(shape) == 5 and backend in KV_SECOND_BACKENDS and shape[1] == 2:
         return DetectedLayout("NB 2 H BS D", permute=(0, 1, 3, 2, 4)) if hnd else DetectedLayout("flashinfer")
     raise KVLayoutError(f"kv cache: no known layout for backend {backend!r}, shape {shape}, layout "
-                        f"{vllm_layout}; LMCacheCoreConnector refuses to guess (see connectors/layouts.py for "
+                        f"{vllm_layout}; LMCacheCoreConnector refuses to guess (see connectors/vllm_layouts.py for "
                         "the supported combinations)")
 
 
