@@ -10,7 +10,7 @@ far) goes back to the scheduler as worker metadata, failed blocks through `get_b
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
@@ -111,6 +111,8 @@ class WorkerHalf:
                            reserved_by=f"vLLM's KV cache ({kv_bytes / 2**30:.2f} GiB on this worker)",
                            knobs="lower VLLM_CPU_KVCACHE_SPACE" if device.type == "cpu" else
                            "lower --gpu-memory-utilization")
+        if cache.metrics_port is not None:  # one /metrics per worker process: the port plus the rank's index
+            cache = replace(cache, metrics_port=cache.metrics_port + pp_rank * par.tensor_parallel_size + tp_rank)
         engine = CacheEngine(cache, spec=spec, device=device, memory=plan)
         try:
             warm_up_kernels(caches, layout, engine)

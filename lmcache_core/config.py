@@ -117,7 +117,10 @@ class CacheConfig:
     cache_secret: str | None = _key(
         None, "str", "Key for an HMAC over stored chunks in shared tiers, so entries written without it "
         "are rejected; never printed.", optional=True, secret=True)
-    metrics_port: int | None = _key(None, "int", "Port of the Prometheus /metrics endpoint; null = off.",
+    metrics_port: int | None = _key(None, "int", "Port of the cache engine's own Prometheus /metrics (its "
+                                    "lmcache_* figures, per process); null = off. Under vLLM each worker serves "
+                                    "on this port + pp_rank x tp_size + tp_rank; vLLM's own /metrics carries the "
+                                    "connector's vllm:lmcache_* figures either way.",
                                     optional=True, low=1, high=65535)
     # --- segment (position-independent) reuse, read by the vLLM connector ---
     segment_reuse: bool = _key(

@@ -8,11 +8,14 @@ latency histograms are updated by the engine as it works. Under vLLM the connect
 the server's /metrics (connectors/stats.py); these are the engine's view, per process.
 """
 
+import logging
 import threading
 import weakref
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -88,7 +91,11 @@ def register(engine, port: int | None) -> None:
             _registered = True
         _engines.add(engine)
         if port is not None and port not in _servers:
-            _servers[port] = start_http_server(port)
+            try:
+                _servers[port] = start_http_server(port)
+            except OSError as e:  # a port in use costs the metrics endpoint, never the engine
+                log.warning("lmcache: cannot serve /metrics on port %d: %s; metrics_port is off here", port, e)
+                _servers[port] = None
 
 
 def unregister(engine) -> None:
