@@ -8,6 +8,8 @@ reused token comes from ours. Float32; the reference is the same TP=2 setup with
 """
 
 import json
+import socket
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -39,15 +41,39 @@ def _full_chunk_tokens(prompts) -> int:
     return sum(len(p) // CHUNK * CHUNK for p in prompts)
 
 
+def _two_free_ports() -> int:
+    """A port p with p and p + 1 free a moment ago (each worker rank serves on metrics_port + its rank)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            base = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", base + 1))
+                    return base
+                except OSError:
+                    continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _entries(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("lmcache_tier_entries{"))
+
+
 def test_tp2_second_run_loads_from_both_ranks_l2(tiny_model, tp2_reference):
-    llm = make_llm(tiny_model, {"chunk_size": CHUNK, "max_local_cpu_size": "64MB"}, **TP2)
+    port = _two_free_ports()
+    llm = make_llm(tiny_model, {"chunk_size": CHUNK, "max_local_cpu_size": "64MB", "metrics_port": port}, **TP2)
     try:
         cold = run(llm, COLD_WARM)
         before = connector_totals(llm)
         warm = run(llm, COLD_WARM)
         totals = {k: v - before.get(k, 0) for k, v in connector_totals(llm).items()}
+        per_rank = [_entries(port), _entries(port + 1)]  # each worker's own engine, on its own port
     finally:
         shutdown(llm)
+    assert per_rank == [_full_chunk_tokens(COLD_WARM) // CHUNK] * 2
     assert_same_outputs(tp2_reference, cold, "TP=2 cold")
     assert_same_outputs(tp2_reference, warm, "TP=2 warm")
     expected = [expected_hit(len(p), CHUNK) for p in COLD_WARM]
