@@ -123,6 +123,11 @@ class RankCache:
             self._done += outcomes
             self._lock.notify_all()
 
+    def loads_in_flight(self) -> int:
+        """Background loads started and not yet reported finished."""
+        with self._lock:
+            return len(self._background)
+
     def wait_for_layers(self, upto: int) -> None:
         if self._layerwise is not None:
             self._layerwise.wait(upto)

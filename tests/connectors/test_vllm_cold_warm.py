@@ -5,6 +5,8 @@ KV is computed, across steps; a prompt shorter than a chunk and partial last chu
 own prefix cache is off unless a test says otherwise, so every reused token comes from ours.
 """
 
+import pytest
+
 from tests.connectors.prompts import COLD_WARM, HALVES
 from tests.connectors.vllm_helpers import (
     BLOCK, assert_same_outputs, connector_totals, expected_hit, flush_worker, make_llm, run, scheduler_half,
@@ -15,9 +17,10 @@ CHUNK = 128
 EXTRA = {"chunk_size": CHUNK, "max_local_cpu_size": "64MB"}
 
 
-def test_cold_then_warm_from_memory(tiny_model, reference):
+@pytest.mark.parametrize("mode", [{}, {"layerwise": "on"}], ids=["whole-step", "layer-wise"])
+def test_cold_then_warm_from_memory(tiny_model, reference, mode):
     ref = reference["cold_warm"]
-    llm = make_llm(tiny_model, EXTRA)
+    llm = make_llm(tiny_model, {**EXTRA, **mode})
     try:
         cold = run(llm, COLD_WARM)
         cold_totals = connector_totals(llm)
@@ -65,9 +68,13 @@ def test_with_vllm_prefix_caching(tiny_model, reference):
     assert loaded == sum(max(0, b - a) for a, b in zip(local, ours)) > 0
 
 
-def test_restart_loads_from_disk(tiny_model, reference, tmp_path):
-    """A fresh LLM (its memory tiers empty) finds what the first one stored on disk."""
-    extra = {**EXTRA, "local_cache_dir": str(tmp_path)}
+@pytest.mark.parametrize("mode", [{}, {"async_load": False}, {"layerwise": "on"}],
+                         ids=["background-load", "synchronous-load", "background-load-layer-wise"])
+def test_restart_loads_from_disk(tiny_model, reference, tmp_path, mode):
+    """A fresh LLM (its memory tiers empty) finds what the first one stored on disk: by default the load runs
+    in the background (the request waits in WAITING_FOR_REMOTE_KVS); synchronously before the forward pass
+    with async_load off."""
+    extra = {**EXTRA, "local_cache_dir": str(tmp_path), **mode}
     llm = make_llm(tiny_model, extra)
     try:
         run(llm, COLD_WARM)

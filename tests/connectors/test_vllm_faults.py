@@ -7,6 +7,7 @@ is off, so the corrupt chunk is found by the worker's load (not by a prefetch be
 
 import os
 
+import pytest
 import redis
 
 from tests.connectors.prompts import FAULTS
@@ -48,8 +49,9 @@ def _check(reference, cold, warm, again, failed):
     assert [o.num_cached_tokens for o in again] == [expected_hit(len(p), CHUNK) for p in FAULTS]
 
 
-def test_corrupt_chunk_on_disk(tiny_model, reference, tmp_path):
-    extra = {**BASE, "local_cache_dir": str(tmp_path), "max_local_cache_size": "1GB"}
+@pytest.mark.parametrize("mode", [{}, {"async_load": False}], ids=["background-load", "synchronous-load"])
+def test_corrupt_chunk_on_disk(tiny_model, reference, tmp_path, mode):
+    extra = {**BASE, "local_cache_dir": str(tmp_path), "max_local_cache_size": "1GB", **mode}
     llm = make_llm(tiny_model, extra)
 
     def corrupt(key):

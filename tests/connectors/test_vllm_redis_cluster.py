@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.connectors.prompts import CROSS
 from tests.connectors.vllm_helpers import Output, assert_same_outputs, connector_totals, expected_hit, make_llm, run, shutdown
 
@@ -13,8 +15,9 @@ CHUNK = 128
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.parametrize("mode", [{}, {"async_load": False}], ids=["background-load", "synchronous-load"])
 def test_instance_b_loads_what_instance_a_stored(tiny_model, reference, redis_cluster, redis_cluster_client,
-                                                 tmp_path):
+                                                 tmp_path, mode):
     url = "redis-cluster://" + ",".join(f"{n.host}:{n.port}" for n in redis_cluster.masters())
     out = tmp_path / "a.json"
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -27,7 +30,7 @@ def test_instance_b_loads_what_instance_a_stored(tiny_model, reference, redis_cl
     full_chunks = sum(len(p) // CHUNK for p in CROSS)
     assert len(stored) == full_chunks == result["totals"]["stored_tokens"] // CHUNK
 
-    llm = make_llm(tiny_model, {"chunk_size": CHUNK, "remote_url": url, "max_local_cpu_size": "64KB"})
+    llm = make_llm(tiny_model, {"chunk_size": CHUNK, "remote_url": url, "max_local_cpu_size": "64KB", **mode})
     try:
         got = run(llm, CROSS)
         loaded = connector_totals(llm).get("loaded_tokens", 0)
