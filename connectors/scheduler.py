@@ -145,6 +145,7 @@ class SchedulerHalf:
         self.kv_cache_manager = None
         self.stats = LMCacheCoreStats()
         self._reqs: dict[str, _Request] = {}
+        self._finishing: dict[str, _Request] = {}  # finished requests whose load has not reported yet
         self._failures_seen: set[str] = set()
         log.info("lmcache: scheduler: chunk %d tokens, asks %d worker(s) over %s (lookup_timeout %.1fs), "
                  "single-flight lock_timeout %.1fs, background loads %s, segment reuse %s", cache.chunk_size,
@@ -353,13 +354,13 @@ class SchedulerHalf:
         the workers skip that request's saves: they are planned again from the failure on."""
         worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
         for req_id, upto in getattr(worker_meta, "loads", {}).items():
-            st = self._reqs.get(req_id)
+            st = self._reqs.get(req_id) or self._finishing.get(req_id)
             if st is not None and st.loading is not None:
                 st.loaded_upto = upto if st.loaded_upto is None else min(st.loaded_upto, upto)
                 if not st.loading[3]:
                     self._load_done(req_id, st)
         for req_id in getattr(connector_output, "finished_recving", None) or ():
-            st = self._reqs.get(req_id)
+            st = self._reqs.get(req_id) or self._finishing.get(req_id)
             if st is not None and st.loading is not None and st.loaded_upto is not None:
                 self._load_done(req_id, st)
 
@@ -367,6 +368,7 @@ class SchedulerHalf:
         start, prefix_end, end, _ = st.loading
         upto = st.loaded_upto
         st.loading = st.loaded_upto = None
+        self._finishing.pop(req_id, None)
         self.stats.add("loaded_tokens", max(0, upto - start))
         self.stats.add("segment_loaded_tokens", max(0, upto - prefix_end))
         if upto < end:
@@ -378,6 +380,8 @@ class SchedulerHalf:
         st = self._reqs.pop(request.request_id, None)
         if st is not None and st.hashes:  # chunks it claimed but never stored (aborted, or too short) are free
             self.caches.release(st.hashes, request.request_id)
+        if st is not None and st.loading is not None:  # finished in its load's step: the report is still due
+            self._finishing[request.request_id] = st
         return False, None  # saves are copied out of vLLM's blocks during the step: nothing holds the blocks
 
     def reset_cache(self) -> bool:

@@ -106,3 +106,17 @@ def test_load_ending_inside_a_chunk(tiny_model):
     assert_same_outputs(no_cache(tiny_model, prompt), warm, "repeat")
     assert warm[0].num_cached_tokens == expected_hit(512, 256) == 384
     assert not totals.get("load_failed_tokens")
+
+
+def test_loads_are_counted_when_the_request_finishes_in_its_load_step(tiny_model):
+    """max_tokens=1: the request finishes in the step that loads it (vLLM calls request_finished before it
+    hands over that step's worker results): its loaded tokens still count."""
+    from vllm import SamplingParams
+
+    from tests.connectors.vllm_helpers import warm_then_measure
+
+    one = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, detokenize=False)
+    warm, totals = warm_then_measure(tiny_model, EXTRA, COLD_WARM, COLD_WARM, one)
+    expected = [expected_hit(len(p), CHUNK) for p in COLD_WARM]
+    assert [o.num_cached_tokens for o in warm] == expected
+    assert totals["loaded_tokens"] == sum(expected) and not totals.get("load_failed_tokens")
