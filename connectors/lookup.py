@@ -100,8 +100,24 @@ class LookupServer:
             pass
 
 
+class Question:
+    """One question sent to every rank, and its answers as they arrive (None where a rank has not answered, or
+    answered with an error)."""
+
+    def __init__(self, seq: int, ranks: int):
+        self.seq, self.asked_at = seq, time.monotonic()
+        self.replies: list[dict | None] = [None] * ranks
+        self.pending = set(range(ranks))
+
+    @property
+    def answered(self) -> bool:
+        return not self.pending
+
+
 class LookupClient:
-    """The scheduler's end: one socket per worker rank, every question to all of them at once."""
+    """The scheduler's end: one socket per worker rank, every question to all of them at once. A question
+    can be waited for a short while and collected later (`send` / `wait`), so the scheduler never stalls for
+    long on a worker that is busy; answers are routed to their question whenever they arrive."""
 
     def __init__(self, paths: Sequence[str], timeout_s: float):
         self.paths = list(paths)
@@ -113,48 +129,73 @@ class LookupClient:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"ipc://{path}")
             self._socks.append(sock)
+        self._poller = zmq.Poller()
+        for sock in self._socks:
+            self._poller.register(sock, zmq.POLLIN)
         self._seq = 0
+        self._open: dict[int, Question] = {}
         self._lock = threading.Lock()
         self._last_warning = 0.0
+
+    def send(self, op: str, header: dict, hashes: Sequence[bytes] = (), *, expect_answer: bool = True) -> Question:
+        """Send one question to every rank; its answers are collected by `wait` (or never: expect_answer False)."""
+        with self._lock:
+            self._seq += 1
+            question = Question(self._seq, len(self._socks))
+            frames = [op.encode(), json.dumps({**header, "seq": question.seq}).encode(), pack_hashes(hashes)]
+            for sock in self._socks:
+                sock.send_multipart(frames)
+            if expect_answer:
+                self._open[question.seq] = question
+            return question
+
+    def wait(self, question: Question, timeout_s: float) -> bool:
+        """Receive answers for up to `timeout_s` (0: only what has arrived); True once every rank answered
+        `question` (it is then forgotten)."""
+        with self._lock:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                self._receive(0)
+                if question.answered:
+                    self._open.pop(question.seq, None)
+                    return True
+                left_ms = (deadline - time.monotonic()) * 1000
+                if left_ms <= 0:
+                    return False
+                self._poller.poll(left_ms)
+
+    def _receive(self, timeout_ms: float) -> None:
+        for sock, _ in self._poller.poll(timeout_ms):
+            rank = self._socks.index(sock)
+            while True:
+                try:
+                    reply = json.loads(sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                question = self._open.get(reply.get("seq"))
+                if question is not None and rank in question.pending:  # else: a question nobody waits for
+                    question.replies[rank] = None if "error" in reply else reply
+                    question.pending.discard(rank)
+
+    def forget(self, question: Question) -> None:
+        with self._lock:
+            self._open.pop(question.seq, None)
 
     def ask(self, op: str, header: dict, hashes: Sequence[bytes] = (), *, wait: bool = True) -> list[dict | None]:
         """Send one question to every rank; with `wait`, the answers in rank order (None: that rank did not
         answer within timeout_s, or answered with an error). Without `wait`, returns [] at once."""
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-            frames = [op.encode(), json.dumps({**header, "seq": seq}).encode(), pack_hashes(hashes)]
-            for sock in self._socks:
-                sock.send_multipart(frames)
-            if not wait:
-                return []
-            return self._collect(seq)
+        question = self.send(op, header, hashes, expect_answer=wait)
+        if not wait:
+            return []
+        if not self.wait(question, self.timeout_s):
+            self.forget(question)
+            self.warn_silent(question)
+        return question.replies
 
-    def _collect(self, seq: int) -> list[dict | None]:
-        replies: list[dict | None] = [None] * len(self._socks)
-        pending = set(range(len(self._socks)))
-        poller = zmq.Poller()
-        for sock in self._socks:
-            poller.register(sock, zmq.POLLIN)
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            left_ms = (deadline - time.monotonic()) * 1000
-            if left_ms <= 0:
-                break
-            for sock, _ in poller.poll(left_ms):
-                rank = self._socks.index(sock)
-                while True:  # drain: answers to earlier questions nobody waits for any more are dropped
-                    try:
-                        reply = json.loads(sock.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-                    if reply.get("seq") == seq and rank in pending:
-                        replies[rank] = None if "error" in reply else reply
-                        pending.discard(rank)
-        if pending:
-            self._warn(f"{len(pending)} of {len(self._socks)} workers did not answer within lookup_timeout="
-                       f"{self.timeout_s}s (ranks {sorted(pending)}); the request computes")
-        return replies
+    def warn_silent(self, question: Question) -> None:
+        if question.pending:
+            self._warn(f"{len(question.pending)} of {len(self._socks)} workers did not answer within "
+                       f"lookup_timeout={self.timeout_s}s (ranks {sorted(question.pending)}); the request computes")
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()

@@ -159,8 +159,10 @@ class CacheConfig:
         "compute of the layers before it; saves go out per layer). auto = on for CUDA, off on CPU (measured "
         "slower there: no spare cores to overlap with).", section="performance", choices=("auto", "on", "off"))
     lookup_timeout: float = _key(
-        1.0, "seconds", "vLLM connector: how long the scheduler waits for the workers to answer a lookup; "
-        "past it the request is a miss (it computes).", section="performance", low=0, low_open=True)
+        5.0, "seconds", "vLLM connector: how long a request may wait for the workers to answer its lookup "
+        "(the scheduler goes on with other requests meanwhile; a worker busy with a long prefill on a "
+        "crowded host answers late); past it the request is a miss (it computes).", section="performance",
+        low=0, low_open=True)
 
     def __post_init__(self):
         for key in KEYS:
