@@ -86,4 +86,5 @@ class StepPlan:
     # their chunks again. Until then it saves none of them, even with async scheduling's step in flight.
     failures_seen: set[str] = field(default_factory=set)
     pins: list[PinSpec] = field(default_factory=list)
-    idle: bool = False  # the step computes nothing (only background loads are in flight)
+    idle: bool = False  # the step computes nothing (only background loads are in flight, or requests wait)
+    waiting: bool = False  # some request waits for chunks another owner computes

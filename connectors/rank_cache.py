@@ -32,7 +32,9 @@ from .saves import Saver
 log = logging.getLogger(__name__)
 
 TIER_GAUGES = ("used_bytes", "capacity_bytes", "entries", "pinned_bytes")
-IDLE_WAIT_S = 0.01  # a step with nothing to compute waits this long for a background load (no busy spin)
+# A step with nothing to compute while loads run or requests wait for another owner waits this long for a load
+# to finish: vLLM steps again at once otherwise, spinning three processes on cores that others need.
+IDLE_WAIT_S = 0.01
 
 
 class RankCache:
@@ -172,7 +174,7 @@ class RankCache:
         """Requests whose background load finished since the last step (their outcomes join this step's)."""
         self._finish_layerwise()
         with self._lock:
-            if plan is not None and plan.idle and self._background and not self._done:
+            if plan is not None and plan.idle and (self._background or plan.waiting) and not self._done:
                 self._lock.wait(IDLE_WAIT_S)
             done, self._done = self._done, []
             for o in done:

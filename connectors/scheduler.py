@@ -37,6 +37,10 @@ MEMORY_TIERS = ("L1", "L2")
 # server); a worker starved of CPU by a long prefill beside it answers later, and the request asks again at the
 # next step (up to lookup_timeout) while the scheduler goes on with the others.
 ASK_WAIT_S = 0.02
+# A request waiting for another owner's chunks asks again at most this often (each ask is a round trip to
+# the workers and to Redis's locks). Re-asking at every engine step, 8 waiters on 2 cores asked ~160 times a
+# second and starved the owner's prefill on the same host (an 8-request avalanche: 70 s instead of 12 s).
+BUSY_RETRY_S = 0.05
 # Where vLLM's metrics say our hits came from (vllm:prompt_tokens_cached_by_source). vLLM has no source for
 # a remote store: its CacheHitSource documents EXTERNAL_UNSPECIFIED as "uninstrumented connector or remote
 # store", so Redis hits are reported there.
@@ -54,6 +58,7 @@ class _Request:
     question: Question | None = None  # an ask the workers have not answered yet
     busy_since: float | None = None  # start of the current wait for another owner's chunks
     busy_hit: int = 0  # tokens cached when that wait (re)started: progress restarts the clock
+    busy_asks: int = 0  # asks answered busy since then: the next ask is due BUSY_RETRY_S after the last
     waited_out: bool = False  # a wait passed lock_timeout: compute from now on
     computed_at_ask: int = 0  # vLLM's own computed tokens at the last ask
     tiers: tuple[str, ...] = ()  # slowest tier over the ranks of each chunk of the last ask's run
@@ -162,6 +167,7 @@ class SchedulerHalf:
         self.stats = LMCacheCoreStats()
         self._reqs: dict[str, _Request] = {}
         self._finishing: dict[str, _Request] = {}  # finished requests whose load has not reported yet
+        self._waiting: set[str] = set()  # requests waiting for another owner's chunks
         self._failures_seen: set[str] = set()
         log.info("lmcache: scheduler: chunk %d tokens, asks %d worker(s) over %s (lookup_timeout %.1fs), "
                  "single-flight lock_timeout %.1fs, background loads %s, segment reuse %s", cache.chunk_size,
@@ -219,6 +225,8 @@ class SchedulerHalf:
                 self.stats.add("requests", 1)
             return 0, False
         first = not st.counted
+        if st.busy_since is not None and time.monotonic() < st.busy_since + st.busy_asks * BUSY_RETRY_S:
+            return None, False  # waiting for another owner: not yet time to ask again
         if st.question is None:
             st.question = self.caches.start_ask(st.hashes, request.request_id,
                                                 prefetch=first and self.settings.cache.prefetch_enabled)
@@ -243,14 +251,17 @@ class SchedulerHalf:
         if claim == "busy" and hit + cs > num_computed_tokens and not st.waited_out:
             now = time.monotonic()
             if st.busy_since is None or hit > st.busy_hit:
-                st.busy_since, st.busy_hit = now, hit
+                st.busy_since, st.busy_hit, st.busy_asks = now, hit, 0
+            st.busy_asks += 1
             if now - st.busy_since < self.lock_timeout or not self.fallback_on_timeout:
+                self._waiting.add(request.request_id)
                 return None, False
             st.waited_out = True
             self.stats.add("lock_timeouts", 1)
             log.info("lmcache: request %s waited %.1fs for chunks another owner computes; computing them",
                      request.request_id, now - st.busy_since)
         st.busy_since = None
+        self._waiting.discard(request.request_id)
         st.computed_at_ask = num_computed_tokens
         st.tiers = tiers
         usable = min(hit, request.num_tokens - 1)  # the last token is always computed: it yields logits
@@ -328,7 +339,7 @@ class SchedulerHalf:
 
     def build_connector_meta(self, scheduler_output) -> LMCacheCoreMetadata:
         meta = LMCacheCoreMetadata(failures_seen=self._failures_seen,
-                                   idle=not scheduler_output.total_num_scheduled_tokens)
+                                   idle=not scheduler_output.total_num_scheduled_tokens, waiting=bool(self._waiting))
         self._failures_seen = set()
         cs, bs = self.chunk_size, self.block_size
         for req_id, st in self._reqs.items():  # background loads: their requests are not scheduled
@@ -402,6 +413,7 @@ class SchedulerHalf:
 
     def request_finished(self, request) -> tuple[bool, None]:
         st = self._reqs.pop(request.request_id, None)
+        self._waiting.discard(request.request_id)
         if st is not None and st.question is not None:
             self.client.forget(st.question)
         if st is not None and st.hashes:  # chunks it claimed but never stored (aborted, or too short) are free

@@ -5,8 +5,10 @@ concurrent recompute pressure down by 90%+").
 For each setting, two servers with our connector (L1, L2 and the Redis at --remote-url, no disk) start side
 by side; then N requests (one document + question, max_tokens 1, greedy) go out at once, alternating
 between the servers, with a fresh `cache_salt` per setting so no run hits another's chunks. Settings:
-- `single-flight on`: the connector's defaults (one owner computes a missing chunk; the others wait up to
-  lock_timeout and load it);
+- `single-flight on`: one owner computes a missing chunk, the others wait up to lock_timeout and load it;
+  lock_timeout 60 s, longer than the prompt's prefill here (two servers prefilling 2k tokens side by side
+  on 2 cores take ~10 s, so with the default 10 s the waiters gave up just before the owner stored:
+  measured), as a deployment sets it above its longest prefill;
 - `single-flight off`: `lock_timeout: 0` (every request computes at once).
 Per setting: prompt tokens computed over both servers (/metrics `vllm:prompt_tokens_by_source` local_compute,
 the delta on each server, summed; each server's deltas in the JSON say whether vLLM's own prefix cache or our
@@ -27,7 +29,7 @@ from bench.ttft.client import stream_completion
 from bench.ttft.server_plan import TOKEN_IDS, Plan
 from bench.ttft.servers import ServerError, error_summary, start_together
 
-SETTINGS = (("single-flight on", {}), ("single-flight off", {"lock_timeout": 0}))
+SETTINGS = (("single-flight on", {"lock_timeout": 60}), ("single-flight off", {"lock_timeout": 0}))
 COLUMNS = ["setting", "status", "requests", "computed_tok", "x_prompt", "first_ttft_s", "waiter_ttft_p50_s",
            "waiter_ttft_max_s", "hit_rate", "note"]
 MOST_COMPUTED = 1.2  # x one prompt's tokens, single-flight on
