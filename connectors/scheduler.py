@@ -429,6 +429,10 @@ class SchedulerHalf:
     def take_stats(self) -> LMCacheCoreStats | None:
         return self.stats.take()
 
+    def tracked(self) -> int:
+        """Requests this half keeps state for (0 once every request finished and reported its load)."""
+        return len(self._reqs) + len(self._finishing)
+
     def shutdown(self) -> None:
         self.client.close()
 

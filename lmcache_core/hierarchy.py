@@ -387,6 +387,11 @@ class TierStack:
             if tier.put([(key, blob)])[0]:
                 return
 
+    def in_flight(self) -> int:
+        """Background writes and prefetches started and not yet done."""
+        with self._lock:
+            return len(self._pending_writes) + len(set(self._prefetching.values()))
+
     def flush(self) -> None:
         """Wait for every background write and prefetch started so far."""
         with self._lock:

@@ -26,7 +26,7 @@ def test_mixed_batch_shares_prefixes_once_then_hits_everything(tiny_model, refer
         cold_loaded = connector_totals(llm).get("loaded_tokens", 0)
         flush_worker()
         warm = run(llm, MIXED)
-        assert not scheduler_half(llm)._reqs
+        assert not scheduler_half(llm).tracked()
         flush_worker()
         assert worker_half().engine.locks_held() == 0, "claims must be released once their chunks are stored"
     finally:
@@ -87,7 +87,7 @@ def test_aborted_request_releases_its_claims(tiny_model, reference):
             for out in engine_api.step():
                 if out.finished:
                     done[out.request_id] = out
-        assert "r3" not in done and not scheduler_half(llm)._reqs
+        assert "r3" not in done and not scheduler_half(llm).tracked()
         again = run(llm, [COLD_WARM[4]])  # would wait lock_timeout (10 s) on a leaked claim
         flush_worker()
         assert worker_half().engine.locks_held() == 0

@@ -27,7 +27,7 @@ def test_cold_then_warm_from_memory(tiny_model, reference, mode):
         flush_worker()
         warm = run(llm, COLD_WARM)
         totals = {k: v - cold_totals.get(k, 0) for k, v in connector_totals(llm).items()}
-        assert not scheduler_half(llm)._reqs, "per-request state must be dropped at request_finished"
+        assert not scheduler_half(llm).tracked(), "per-request state must be dropped at request_finished"
         l2 = worker_half().engine.stats()["L2"]
     finally:
         shutdown(llm)

@@ -93,6 +93,6 @@ def test_long_run_rss_stays_flat(tmp_path, redis_node):
     sizes = disk.index.sizes()
     assert sizes["entries"] == stats["L3"]["entries"] <= L3_FILES and sizes["lru"] <= 2 * L3_FILES + LRU_SLACK
     assert (sizes["writing"], sizes["cancel"], sizes["removing"], sizes["removed"]) == (0, 0, 0, 0), sizes
-    assert not e.tiers._prefetching and not e.tiers._pending_writes
+    assert e.tiers.in_flight() == 0
     assert e.locks_held() == 0, "every claim was released or stored"
     e.close()
