@@ -9,10 +9,12 @@ token-id prompts over HTTP. Each server is stopped (its whole process group) wha
 - a restart with settings that do not fit in what vLLM left (the host memory headroom set to nearly all the
   memory available now): one warning line with the setting to change, L2 off, and the server still serves,
   loading from disk, outputs identical;
-- hot prompts: a configured pinned system prompt and a request's own pin keep their chunks in L2 while
-  unrelated traffic twice L2's size passes through; unpinned, a prompt is evicted.
+- hot prompts (a server started with the README's flag as written: the connector found by the name
+  "lmcacheconnector" its vLLM plugin registers): a configured pinned system prompt and a request's own pin keep
+  their chunks in L2 while unrelated traffic twice L2's size passes through; unpinned, a prompt is evicted.
 """
 
+import dataclasses
 import json
 import random
 import re
@@ -37,6 +39,19 @@ def model() -> str:
 def _spec(model: str, extra: dict, **kw) -> ServerSpec:
     return ServerSpec(model=model, max_model_len=4096, kv_cache_gib=1, connector={"chunk_size": CHUNK, **extra},
                       env={"VLLM_LOGGING_LEVEL": "INFO"}, **kw)  # as a user's server logs (the tests' is WARNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByNameSpec(ServerSpec):
+    """The README's flag, as written: `{"kv_connector":"lmcacheconnector","kv_role":"kv_both"}` and no module
+    path (the installed package's vLLM plugin registers the name)."""
+
+    def command(self, port: int) -> list[str]:
+        cmd = super().command(port)
+        i = cmd.index("--kv-transfer-config") + 1
+        cmd[i] = json.dumps({"kv_connector": "lmcacheconnector", "kv_role": "kv_both",
+                             "kv_connector_extra_config": json.loads(cmd[i])["kv_connector_extra_config"]})
+        return cmd
 
 
 def _complete(url: str, prompt: list[int], max_tokens: int = 8, params: dict | None = None) -> tuple[list, int]:
@@ -110,7 +125,9 @@ def test_pinned_prompts_stay_while_traffic_passes(model, tmp_path):
     extra = {"max_local_cpu_size": f"{8 * chunk_bytes}B", "max_hot_ratio": 0.75, "hot_hit_threshold": 0,
              "pinned_prompts": ["ids:" + ",".join(map(str, system))]}
     question = _prompts(4, (40,))[0]
-    with VllmServer(_spec(model, extra), "pins", str(tmp_path)) as server:
+    spec = ByNameSpec(**dataclasses.asdict(_spec(model, extra)))
+    with VllmServer(spec, "pins", str(tmp_path)) as server:
+        assert "connectors.vllm_v1" not in " ".join(spec.command(server.port))
         _complete(server.url, system + question)  # the configured prompt: pinned once stored
         _complete(server.url, own + question, params={"pin": 2 * CHUNK})  # a request's own pin
         _complete(server.url, control + question)  # not pinned
