@@ -167,7 +167,7 @@ def unshuffle_bytes(planes: torch.Tensor, dtype: torch.dtype, shape, *,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor of `dtype` and `shape` whose `shuffle_bytes` is `planes` (bit-exact); written into `out`
     (contiguous, that dtype and shape, on planes' device) when given."""
-    size = _check_planes(planes, dtype, shape)
+    _check_planes(planes, dtype, shape)
     if planes.numel() == 0 or not use_triton(planes):
         return unshuffle_bytes_ref(planes, dtype, shape, out=out)
     values = _output(out, tuple(shape), dtype, planes.device, "out")
